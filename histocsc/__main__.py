@@ -1,0 +1,3 @@
+from histocsc.cli import run
+
+run()
