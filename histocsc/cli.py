@@ -67,16 +67,321 @@ def main(
 PathArg = Annotated[Path, typer.Argument(help="A path.")]
 
 # --- tiles command (wsi helper) ---
+@app.command()
+@user_errors
+def tiles(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
+    mpp: Annotated[float | None, typer.Option(help="Tile resolution, µm/px [0.5].")] = None,
+    tile_px: Annotated[int | None, typer.Option(help="Tile side in pixels [224].")] = None,
+    save_images: Annotated[
+        bool, typer.Option("--save-images", help="Also store tile pixels in tiles.npy.")
+    ] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel processes.")] = 1,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config (default: built-in, see configs/tiles.yaml).")
+    ] = None,
+    slide_mpp: Annotated[
+        float | None,
+        typer.Option(help="Pixel size of the slides (µm/px) when the files do not record it."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Redo slides that are already finished.")] = False,
+) -> None:
+    """Find tissue, lay a tile grid over it, write mask/thumbnail/grid (and tile pixels)."""
+    from histocsc.config import load_config
+    from histocsc.errors import SlideError
+    from histocsc.progress import progress_bar
+    from histocsc.wsi.extract import find_slides, plan_tasks, tile_slides
+    from histocsc.wsi.grid import TilesConfig
+
+    cfg = load_config(TilesConfig, config, {"mpp": mpp, "tile_px": tile_px})
+    if slide_mpp is not None and not slide_mpp > 0:
+        raise typer.BadParameter(f"--slide-mpp must be positive, got {slide_mpp}")
+    tasks = plan_tasks(find_slides(slides), out, slide_mpp)
+    results = tile_slides(tasks, cfg, save_images, workers, force, progress=progress_bar)
+    failed = [r for r in results if r.error]
+    for r in results:
+        if not r.error:
+            state = "skipped (already done)" if r.skipped else f"{r.n_tiles} tiles"
+            typer.echo(f"{r.path.name}: {state} -> {r.out_dir}")
+    if failed:
+        if len(failed) == 1 and len(results) == 1:
+            raise SlideError(failed[0].error or "")
+        for r in failed:
+            typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
+        raise SlideError(f"{len(failed)} of {len(results)} slides failed (see above)")
+
 
 # --- phantom command (phantom helper) ---
 
+
+@app.command()
+@user_errors
+def phantom(
+    out: Annotated[Path, typer.Argument(help="Output folder (one sub-folder per case).")],
+    cases: Annotated[int, typer.Option("--cases", help="Number of cases.")] = 5,
+    size_px: Annotated[int, typer.Option("--size-px", help="Slide width = height, px.")] = 8192,
+    mpp: Annotated[float, typer.Option("--mpp", help="Microns per pixel at level 0.")] = 0.5,
+    markers: Annotated[str, typer.Option("--markers", help="Comma-separated IHC markers.")] = (
+        "CD133,CD44"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write synthetic H&E + IHC slide pairs with known truth, and a cohort.csv."""
+    from histocsc.progress import progress_bar
+    from histocsc.synthetic.generate import make_cohort, tiles_per_case
+
+    names = [m.strip() for m in markers.split(",") if m.strip()]
+    total = cases * tiles_per_case(size_px, len(names))
+    with progress_bar("phantom", total) as advance:
+        csv_path = make_cohort(out, cases, size_px, mpp, names, seed, advance)
+    typer.echo(f"wrote {cases} case(s) and {csv_path}")
+
+
 # --- register / transform-points commands (ihc helper) ---
 
+
+@app.command("register")
+@user_errors
+def register_command(
+    fixed: Annotated[Path, typer.Argument(help="Fixed slide (the H&E).")],
+    moving: Annotated[Path, typer.Argument(help="Moving slide (the IHC section).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for transform.json + overlay.png.")],
+    mpp_fixed: Annotated[
+        float | None, typer.Option("--mpp-fixed", help="µm/px of the fixed slide if unrecorded.")
+    ] = None,
+    mpp_moving: Annotated[
+        float | None, typer.Option("--mpp-moving", help="µm/px of the moving slide if unrecorded.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML (see configs/register.yaml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE.")
+    ] = None,
+) -> None:
+    """Align an IHC section (moving) to its H&E (fixed); writes transform.json and overlay.png."""
+    from histocsc.config import load_config, parse_overrides
+    from histocsc.ihc.registration import RegistrationConfig, register
+
+    cfg = load_config(RegistrationConfig, config, parse_overrides(set_ or []))
+    result = register(fixed, moving, mpp_fixed, mpp_moving, cfg)
+    path = result.save(out)
+    err = result.error
+    typer.echo(
+        f"wrote {path} and {out / 'overlay.png'} (working {result.transform.working_mpp:g} µm/px, "
+        f"NCC {err['ncc']:.3f}, residual ~{err['residual_um_median']} µm median"
+        f"{', POOR: check the overlay' if result.poor else ''})"
+    )
+
+
+@app.command("transform-points")
+@user_errors
+def transform_points_command(
+    transform: Annotated[Path, typer.Argument(help="transform.json from `histocsc register`.")],
+    points: Annotated[Path, typer.Argument(help="CSV ',X,Y' of level-0 points.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write (same format).")],
+    inverse: Annotated[
+        bool, typer.Option("--inverse", help="Map fixed -> moving (default moving -> fixed).")
+    ] = False,
+) -> None:
+    """Map landmark points from the moving slide to the fixed one (or back with --inverse)."""
+    from histocsc.ihc.transform import Transform, read_points_csv, write_points_csv
+
+    tf = Transform.load(transform)
+    index, pts = read_points_csv(points)
+    mapped = tf.to_moving(pts) if inverse else tf.to_fixed(pts)
+    write_points_csv(out, index, mapped)
+    direction = "fixed -> moving" if inverse else "moving -> fixed"
+    typer.echo(f"wrote {out} ({len(index)} points, {direction})")
+
 # --- label / prepare commands (labels helper) ---
+ConfigOpt = Annotated[Path | None, typer.Option(help="Stage YAML (default: built-in).")]
+
+
+def _stage_configs(
+    tiles_config: Path | None,
+    register_config: Path | None,
+    label_config: Path | None,
+    markers: str | None,
+) -> Any:
+    """The tiles / register / label configurations of `label` and `prepare`."""
+    from histocsc.config import load_config
+    from histocsc.ihc.labels import LabelConfig
+    from histocsc.ihc.registration import RegistrationConfig
+    from histocsc.prepare import StageConfigs
+    from histocsc.wsi.grid import TilesConfig
+
+    names = [m.strip() for m in markers.split(",") if m.strip()] if markers else None
+    return StageConfigs(
+        tiles=load_config(TilesConfig, tiles_config),
+        register=load_config(RegistrationConfig, register_config),
+        label=load_config(LabelConfig, label_config, {"markers": names}),
+    )
+
+
+@app.command()
+@user_errors
+def label(
+    cohort: Annotated[Path, typer.Option("--cohort", help="cohort.csv (case,he,<M>...,split).")],
+    out: Annotated[Path, typer.Option("--out", help="Prepared-cohort folder (one per case).")],
+    config: ConfigOpt = None,
+    tiles_config: ConfigOpt = None,
+    register_config: ConfigOpt = None,
+    markers: Annotated[str | None, typer.Option(help="Comma-separated markers [all].")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 1,
+) -> None:
+    """Per-tile IHC labels (<M>_fraction, <M>_label) into OUT/<case>/labels.csv.
+
+    Uses the tiles and registrations already in OUT/<case>/ and makes the missing ones.
+    """
+    from histocsc.prepare import run_and_report
+
+    cfgs = _stage_configs(tiles_config, register_config, config, markers)
+    run_and_report(cohort, out, cfgs, workers, reuse_existing=True, command="label")
+
+
+@app.command()
+@user_errors
+def prepare(
+    cohort: Annotated[Path, typer.Option("--cohort", help="cohort.csv (case,he,<M>...,split).")],
+    out: Annotated[Path, typer.Option("--out", help="Prepared-cohort folder (one per case).")],
+    tiles_config: ConfigOpt = None,
+    register_config: ConfigOpt = None,
+    label_config: ConfigOpt = None,
+    markers: Annotated[str | None, typer.Option(help="Comma-separated markers [all].")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 2,
+) -> None:
+    """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary."""
+    from histocsc.prepare import run_and_report
+
+    cfgs = _stage_configs(tiles_config, register_config, label_config, markers)
+    run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare")
+
 
 # --- train command (learn helper) ---
+@app.command("train")
+@user_errors
+def train_command(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config (see configs/train.yaml).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set trainer.max_epochs=5."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Prepared cohort folder (data.root).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder to write.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Checkpoint to continue from (last.ckpt).")
+    ] = None,
+) -> None:
+    """Train a tile classifier on a prepared cohort; writes checkpoints, metrics and run.json."""
+    from histocsc.config import parse_overrides
+    from histocsc.learn.train import load_train_config, train
+
+    values = parse_overrides(overrides or [])
+    if data is not None:
+        values["data.root"] = str(data)
+    cfg = load_train_config(config, values)
+    result = train(cfg, run_dir=out, resume=resume)
+    best = f"{result.best_checkpoint} (val AUROC mean {result.best_score:.3f})"
+    typer.echo(f"best checkpoint: {best}")
+    for marker, row in result.test.items():
+        typer.echo(f"test {marker}: AUROC {row['auroc']:.3f}  AP {row['ap']:.3f}")
+    typer.echo(f"run folder: {result.run_dir}")
+
 
 # --- export / infer commands (predict helper) ---
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="Training run folder or .ckpt file.")],
+    out: Annotated[Path, typer.Option("--out", help="ONNX file to write (fp32).")],
+    int8: Annotated[bool, typer.Option("--int8", help="Also write <out>.int8.onnx.")] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="Folder of tile images or a tiles.npy (int8, parity)."),
+    ] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write <out>.fp16.onnx.")] = False,
+    check_tiles: Annotated[
+        Path | None, typer.Option("--check-tiles", help="Tiles for the parity check.")
+    ] = None,
+) -> None:
+    """Export a trained model to ONNX (uint8 RGB tiles in, probabilities out), checking parity."""
+    from histocsc.errors import ConfigError
+    from histocsc.learn.export import PARITY_TOL, export_onnx
+    from histocsc.learn.model import load_trained
+
+    if int8 and calibration is None:
+        raise ConfigError("--int8 needs --calibration DIR (tile images or a tiles.npy)")
+    model, meta = load_trained(run)
+    result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
+                         check_tiles=check_tiles)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {result.fp32} (fp32, {result.exporter} exporter; max |ONNX - PyTorch| = "
+               f"{result.max_abs_diff:.2e} <= {PARITY_TOL:g})")
+    if result.int8:
+        typer.echo(f"wrote {result.int8} (int8 QDQ; max |int8 - PyTorch| = "
+                   f"{result.int8_max_abs_diff:.2e})")
+    if result.fp16:
+        typer.echo(f"wrote {result.fp16} (fp16; max |fp16 - PyTorch| = "
+                   f"{result.fp16_max_abs_diff:.2e})")
+
+
+@app.command("infer")
+@user_errors
+def infer_command(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files and/or folders of slides.")],
+    model: Annotated[Path, typer.Option("--model", help="ONNX model from `histocsc export`.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Tiles per batch.")] = 32,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Slide-reading threads [cores].")
+    ] = None,
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", help="Slide pixel size (µm/px) when the file lacks it.")
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="I/N: process every N-th slide from the I-th.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished slides.")] = False,
+) -> None:
+    """Heatmaps, scores and QuPath tiles of stem-like regions for each slide."""
+    from histocsc.predict.engine import (
+        Engine,
+        InferOptions,
+        collect_slides,
+        cpu_count,
+        parse_shard,
+        run_slides,
+    )
+    from histocsc.predict.engine import shard as take_shard
+    from histocsc.progress import progress_bar
+
+    found = collect_slides(slides)
+    if shard is not None:
+        index, count = parse_shard(shard)
+        found = take_shard(found, index, count)
+        typer.echo(f"shard {index}/{count}: {len(found)} slide(s)")
+    engine = Engine(model, device=device)
+    typer.echo(engine.describe())
+    options = InferOptions(batch=batch, workers=workers or cpu_count(), slide_mpp=mpp)
+    report = run_slides(engine, found, out, options, say=typer.echo, overwrite=overwrite,
+                        progress=lambda name, total: progress_bar(name, total))
+    typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
+               f"{len(report.failed)} failed")
+    for path, message in report.failed:
+        typer.secho(f"failed: {path}: {message}", fg=typer.colors.RED, err=True)
+    if report.failed:
+        raise typer.Exit(1)
+
 
 # --- demo command (lead) ---
 

@@ -160,17 +160,19 @@ class Slide:
     def _read_in_blocks(self, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:
         out = np.empty((out_h, out_w, 3), np.uint8)
         sx, sy = w / out_w, h / out_h
-        step = max(1, int(CHUNK_PX / max(1.0, self.level_downsamples[0])))
-        step = max(16, min(out_w, out_h, CHUNK_PX, step))
+        level = self._best_level(min(sx, sy))
+        # output px per block, so that one block is at most CHUNK_PX px at the level read
+        step = max(1, int(CHUNK_PX * self.level_downsamples[level] / max(sx, sy)))
         for oy in range(0, out_h, step):
             for ox in range(0, out_w, step):
                 ow, oh = min(step, out_w - ox), min(step, out_h - oy)
                 x0, y0 = x + round(ox * sx), y + round(oy * sy)
                 x1 = min(x + w, x + round((ox + ow) * sx))
                 y1 = min(y + h, y + round((oy + oh) * sy))
-                out[oy : oy + oh, ox : ox + ow] = self.read(
-                    x0, y0, max(1, x1 - x0), max(1, y1 - y0), out_size=(ow, oh)
-                )
+                block = self._read_level(x0, y0, max(1, x1 - x0), max(1, y1 - y0), level)
+                if block.shape[:2] != (oh, ow):
+                    block = cv2.resize(block, (ow, oh), interpolation=cv2.INTER_AREA)
+                out[oy : oy + oh, ox : ox + ow] = block
         return out
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3]
     rgb = rgba[..., :3]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2RGB)  # fast 4->3 copy
     a = alpha[..., None].astype(np.float32) / 255.0
     out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,438 @@
+"""Training data: a LightningDataModule over a prepared cohort (tile store + labels per case).
+
+Cases are split, never tiles. Tiles come from each case's `tiles.npy` (memory-mapped) or are
+read from the H&E slide itself; every DataLoader worker opens its own handles. Batches are
+uint8 (N, H, W, 3) tensors; normalisation happens on the device (see module.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from pydantic import Field
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from histocsc.config import StrictModel
+from histocsc.errors import ConfigError, DataError, LabelError
+from histocsc.ihc.cohort import read_cohort
+from histocsc.learn.augment import AugmentConfig, build_augment
+
+SPLITS = ("train", "val", "test")
+
+
+class DataConfig(StrictModel):
+    """Where the prepared cohort is and how tiles reach the model."""
+
+    root: str | None = None  # the prepared cohort folder (`histocsc train --data` overrides)
+    markers: list[str] | None = None  # default: every marker column of the cohort
+    source: Literal["store", "slide"] = "store"  # tiles.npy, or read from the H&E slides
+    val_fraction: float = Field(0.2, ge=0, lt=1)  # for cases without a split in cohort.csv
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    min_tissue_fraction: float = Field(0.0, ge=0, le=1)
+    max_tiles_per_case: int | None = Field(None, ge=1)  # seeded subsample, for quick runs
+    balance: Literal["pos_weight", "sampler", "none"] = "pos_weight"
+    max_pos_weight: float = Field(100.0, gt=0)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(4, ge=0)
+    pin_memory: bool = True
+    prefetch_factor: int = Field(4, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+
+@dataclass
+class CaseTiles:
+    """One prepared case: its tile table rows that survive filtering, and labels per marker."""
+
+    case: str
+    folder: Path
+    labels: np.ndarray  # (n, markers) int8: 1, 0, -1 ignored
+    rows: np.ndarray  # row indices into grid / tiles.npy
+    boxes: np.ndarray  # (n, 4) level-0 x, y, w, h
+    tile_px: int
+    mpp: float
+    slide_path: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_labels(path: Path, markers: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    if not path.is_file():
+        raise DataError(f"{path}: labels.csv not found (run `histocsc prepare` first)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        need = ["x", "y", "w", "h"] + [f"{m}_label" for m in markers]
+        absent = [c for c in need if c not in header]
+        if absent:
+            kind = LabelError if all(c.endswith("_label") for c in absent) else DataError
+            raise kind(f"{path}: no column(s) {', '.join(absent)} (markers without labels?)")
+        cols: dict[str, list[str]] = {c: [] for c in header}
+        for row in reader:
+            for c in header:
+                cols[c].append(row[c])
+    n = len(cols["x"])
+    out: dict[str, np.ndarray] = {}
+    try:
+        for c in ("x", "y", "w", "h"):
+            out[c] = np.asarray(cols[c], dtype=np.float64).astype(np.int64)
+        out["tissue_fraction"] = (
+            np.asarray(cols["tissue_fraction"], dtype=np.float32)
+            if "tissue_fraction" in cols
+            else np.ones(n, np.float32)
+        )
+        for m in markers:
+            out[m] = np.asarray(cols[f"{m}_label"], dtype=np.float64).astype(np.int8)
+    except ValueError as exc:
+        raise DataError(f"{path}: non-numeric value ({exc})") from exc
+    return out, n
+
+
+def _qc_failed(case_dir: Path, markers: list[str]) -> tuple[bool, set[str]]:
+    """(whole case flagged, markers flagged) from qc.json files whose registration_ok is false."""
+    case_bad = False
+    bad: set[str] = set()
+    for qc_path in [
+        case_dir / "qc.json",
+        *(case_dir / "register" / m / "qc.json" for m in markers),
+    ]:
+        if not qc_path.is_file():
+            continue
+        try:
+            qc = json.loads(qc_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{qc_path}: not valid JSON ({exc})") from exc
+        marker = qc_path.parent.name if qc_path.parent.parent.name == "register" else None
+        if isinstance(qc, dict) and qc.get("registration_ok") is False:
+            if marker is None:
+                case_bad = True
+            else:
+                bad.add(marker)
+        per = qc.get("markers", {}) if isinstance(qc, dict) else {}
+        for m, entry in per.items() if isinstance(per, dict) else []:
+            if isinstance(entry, dict) and entry.get("registration_ok") is False and m in markers:
+                bad.add(m)
+    return case_bad, bad
+
+
+def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> CaseTiles | None:
+    """Read one case's labels and grid metadata; None when QC flags the whole case."""
+    case_bad, bad_markers = _qc_failed(folder, markers)
+    if case_bad:
+        return None
+    cols, n = _read_labels(folder / "labels.csv", markers)
+    grid_json = folder / "grid.json"
+    if not grid_json.is_file():
+        raise DataError(f"{grid_json}: grid sidecar not found")
+    try:
+        grid = json.loads(grid_json.read_text())
+        tile_px, mpp = int(grid["tile_px"]), float(grid["mpp"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{grid_json}: unreadable grid metadata ({exc})") from exc
+    labels = np.stack([cols[m] for m in markers], axis=1) if n else np.zeros((0, len(markers)))
+    labels = labels.astype(np.int8)
+    notes = []
+    for j, m in enumerate(markers):
+        if m in bad_markers:
+            labels[:, j] = -1
+            notes.append(f"{m}: registration QC failed, labels ignored")
+    keep = (cols["tissue_fraction"] >= cfg.min_tissue_fraction) & (labels >= 0).any(axis=1)
+    rows = np.flatnonzero(keep)
+    if cfg.max_tiles_per_case is not None and len(rows) > cfg.max_tiles_per_case:
+        rng = np.random.default_rng([seed, zlib.crc32(folder.name.encode())])
+        rows = np.sort(rng.choice(rows, cfg.max_tiles_per_case, replace=False))
+    boxes = np.stack([cols[c] for c in ("x", "y", "w", "h")], axis=1) if n else np.zeros((0, 4))
+    slide = grid.get("slide_path")
+    return CaseTiles(
+        case=folder.name,
+        folder=folder,
+        labels=labels[rows],
+        rows=rows,
+        boxes=boxes[rows].astype(np.int64),
+        tile_px=tile_px,
+        mpp=mpp,
+        slide_path=Path(slide) if slide else None,
+        notes=notes,
+    )
+
+
+def assign_splits(
+    cases: list[str], given: dict[str, str], pos_rate: dict[str, float], cfg: DataConfig, seed: int
+) -> dict[str, str]:
+    """Keep the cohort's splits; give the other cases a seeded, label-stratified split:
+    cases are ordered by positive rate and val/test picks are spread evenly along that order."""
+    split = {c: given[c] for c in cases if given.get(c)}
+    free = [c for c in cases if c not in split]
+    if not free:
+        return split
+    rng = np.random.default_rng(seed)
+    order = [free[i] for i in rng.permutation(len(free))]
+    order.sort(key=lambda c: pos_rate.get(c, 0.0))
+    n = len(order)
+    n_val = int(round(n * cfg.val_fraction)) if n >= 3 else 0
+    n_test = int(round(n * cfg.test_fraction)) if n >= 3 else 0
+    n_val = max(n_val, 1 if cfg.val_fraction > 0 and n >= 3 else 0)
+    n_test = max(n_test, 1 if cfg.test_fraction > 0 and n >= 3 else 0)
+    while n_val + n_test >= n and (n_val or n_test):
+        if n_test >= n_val and n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    picks = ["val"] * n_val + ["test"] * n_test
+    held = n_val + n_test
+    slots: list[int] = []
+    if held:
+        offset = rng.uniform(0, n / held)
+        slots = sorted({min(n - 1, int(offset + k * n / held)) for k in range(held)})
+        spare = [i for i in range(n) if i not in slots]
+        while len(slots) < held:  # collisions after rounding
+            slots.append(spare.pop(int(rng.integers(len(spare)))))
+    rng.shuffle(picks)
+    for i, c in enumerate(order):
+        split[c] = "train"
+        if i in slots:
+            split[c] = picks[slots.index(i)]
+    return split
+
+
+class TileDataset(Dataset):
+    """Tiles of several cases; items are (uint8 H x W x 3 tile, float labels with -1 ignored)."""
+
+    def __init__(self, cases: list[CaseTiles], source: str = "store", augment: Any = None) -> None:
+        self.cases = cases
+        self.source = source
+        self.augment = augment
+        sizes = [len(c.rows) for c in cases]
+        self.case_of = np.repeat(np.arange(len(cases)), sizes)
+        self.index_in_case = np.concatenate([np.arange(s) for s in sizes]) if sizes else np.zeros(0)
+        self.labels = (
+            np.concatenate([c.labels for c in cases]).astype(np.float32)
+            if cases
+            else np.zeros((0, 0), np.float32)
+        )
+        self._handles: dict[int, Any] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.case_of)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = {}, -1
+        return state
+
+    def _handle(self, ci: int) -> Any:
+        if self._pid != os.getpid():  # a fresh worker: never share handles across processes
+            self._handles, self._pid = {}, os.getpid()
+        if ci not in self._handles:
+            case = self.cases[ci]
+            if self.source == "store":
+                path = case.folder / "tiles.npy"
+                if not path.is_file():
+                    raise DataError(f"{path}: tile store not found (set data.source=slide?)")
+                store = np.load(path, mmap_mode="r")
+                if store.ndim != 4 or store.shape[1:] != (case.tile_px, case.tile_px, 3):
+                    raise DataError(
+                        f"{path}: shape {store.shape} is not (N, {case.tile_px}, "
+                        f"{case.tile_px}, 3) as grid.json says"
+                    )
+                self._handles[ci] = store
+            else:
+                from histocsc.wsi.slide import open_slide
+
+                if case.slide_path is None:
+                    raise DataError(f"{case.folder / 'grid.json'}: no slide_path to read from")
+                self._handles[ci] = open_slide(case.slide_path)
+        return self._handles[ci]
+
+    def read_tile(self, i: int) -> np.ndarray:
+        """The raw uint8 tile for item `i` (no augmentation)."""
+        ci, k = int(self.case_of[i]), int(self.index_in_case[i])
+        case = self.cases[ci]
+        handle = self._handle(ci)
+        if self.source == "store":
+            return np.array(handle[case.rows[k]])
+        x, y, w, h = (int(v) for v in case.boxes[k])
+        return handle.read(x, y, w, h, mpp=case.mpp, out_size=(case.tile_px, case.tile_px))
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        tile = self.read_tile(i)
+        if self.augment is not None:
+            tile = self.augment(image=tile)["image"]
+        return tile, self.labels[i]
+
+
+def collate_tiles(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (tile, labels) pairs into uint8 (N, H, W, 3) and float (N, markers) tensors."""
+    tiles = np.stack([t for t, _ in items])
+    labels = np.stack([y for _, y in items])
+    return torch.from_numpy(tiles), torch.from_numpy(labels)
+
+
+def _loader_kwargs(cfg: DataConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "collate_fn": collate_tiles,
+        "num_workers": cfg.num_workers,
+        "pin_memory": cfg.pin_memory and torch.cuda.is_available(),
+    }
+    if cfg.num_workers > 0:
+        kw["persistent_workers"] = True
+        kw["prefetch_factor"] = cfg.prefetch_factor
+    return kw
+
+
+class TileDataModule(L.LightningDataModule):
+    """Splits a prepared cohort by case and serves tiles for train / val / test."""
+
+    def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
+        super().__init__()
+        if not cfg.root:
+            raise ConfigError("data.root: no prepared cohort folder given (use --data DIR)")
+        self.cfg = cfg
+        self.seed = seed
+        self.root = Path(cfg.root)
+        self.markers: list[str] = []
+        self.cases: dict[str, list[CaseTiles]] = {s: [] for s in SPLITS}
+        self.skipped: list[str] = []
+        self.datasets: dict[str, TileDataset] = {}
+        self.pos_weight: torch.Tensor | None = None
+        self.tile_px = 0
+        self.mpp = 0.0
+        self._ready = False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        cohort = read_cohort(self.root / "cohort.csv")
+        self.markers = cohort.select_markers(self.cfg.markers)
+        loaded: dict[str, CaseTiles] = {}
+        for case in cohort.cases:
+            folder = self.root / case.case
+            if not folder.is_dir():
+                raise DataError(f"{folder}: case folder of the prepared cohort not found")
+            tiles = load_case(folder, self.markers, self.cfg, self.seed)
+            if tiles is None:
+                self.skipped.append(f"{case.case}: registration QC failed")
+            elif len(tiles.rows) == 0:
+                self.skipped.append(f"{case.case}: no labelled tiles")
+            else:
+                loaded[case.case] = tiles
+        if not loaded:
+            raise DataError(f"{self.root}: no case with labelled tiles")
+        sizes = {(c.tile_px, round(c.mpp, 6)) for c in loaded.values()}
+        if len(sizes) > 1:
+            raise DataError(f"{self.root}: cases differ in tile size / mpp: {sorted(sizes)}")
+        first = next(iter(loaded.values()))
+        self.tile_px, self.mpp = first.tile_px, first.mpp
+        pos_rate = {
+            c: float((t.labels == 1).sum() / max(1, (t.labels >= 0).sum()))
+            for c, t in loaded.items()
+        }
+        given = {c.case: c.split for c in cohort.cases}
+        split = assign_splits(list(loaded), given, pos_rate, self.cfg, self.seed)
+        for c, t in loaded.items():
+            self.cases[split[c]].append(t)
+        if not self.cases["train"]:
+            raise DataError(f"{self.root}: no training case after the split")
+        self._check_labels()
+        train_aug = build_augment(self.cfg.augment, train=True)
+        for s in SPLITS:
+            aug = train_aug if s == "train" else None
+            self.datasets[s] = TileDataset(self.cases[s], self.cfg.source, aug)
+        self.pos_weight = self._pos_weight()
+        self._ready = True
+
+    def _check_labels(self) -> None:
+        labels = np.concatenate([t.labels for t in self.cases["train"]])
+        for j, m in enumerate(self.markers):
+            pos, neg = int((labels[:, j] == 1).sum()), int((labels[:, j] == 0).sum())
+            if pos == 0 or neg == 0:
+                raise LabelError(
+                    f"{self.root}: marker {m} has {pos} positive and {neg} negative training "
+                    "tiles; a classifier needs both"
+                )
+
+    def _pos_weight(self) -> torch.Tensor:
+        y = self.datasets["train"].labels
+        if self.cfg.balance != "pos_weight":
+            return torch.ones(len(self.markers))
+        pos = (y == 1).sum(0)
+        neg = (y == 0).sum(0)
+        w = np.clip(neg / np.maximum(pos, 1), 1 / self.cfg.max_pos_weight, self.cfg.max_pos_weight)
+        return torch.as_tensor(w, dtype=torch.float32)
+
+    def _sampler(self) -> WeightedRandomSampler | None:
+        if self.cfg.balance != "sampler":
+            return None
+        y = self.datasets["train"].labels
+        weight = np.zeros(len(y), np.float64)
+        for j in range(y.shape[1]):
+            for v in (0, 1):
+                hit = y[:, j] == v
+                if hit.any():
+                    weight[hit] = np.maximum(weight[hit], 1.0 / hit.sum())
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weight.tolist(), len(y), replacement=True, generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self._sampler()
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.cfg.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=len(self.datasets["train"]) > self.cfg.batch_size,
+            **_loader_kwargs(self.cfg),
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
+            shuffle=False,
+            **_loader_kwargs(self.cfg),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def summary(self) -> dict[str, Any]:
+        """Cases and tiles per split and per label, for the run metadata."""
+        pw = self.pos_weight if self.pos_weight is not None else torch.ones(len(self.markers))
+        out: dict[str, Any] = {
+            "root": str(self.root),
+            "markers": self.markers,
+            "tile_px": self.tile_px,
+            "mpp": self.mpp,
+            "source": self.cfg.source,
+            "skipped_cases": self.skipped,
+            "pos_weight": {m: float(w) for m, w in zip(self.markers, pw.tolist(), strict=True)},
+        }
+        for s in SPLITS:
+            cases = self.cases[s]
+            y = np.concatenate([c.labels for c in cases]) if cases else np.zeros((0, 0))
+            out[s] = {
+                "cases": [c.case for c in cases],
+                "tiles": int(sum(len(c.rows) for c in cases)),
+                "labels": {
+                    m: {
+                        "positive": int((y[:, j] == 1).sum()) if len(y) else 0,
+                        "negative": int((y[:, j] == 0).sum()) if len(y) else 0,
+                        "ignored": int((y[:, j] == -1).sum()) if len(y) else 0,
+                    }
+                    for j, m in enumerate(self.markers)
+                },
+                "notes": [f"{c.case}: {n}" for c in cases for n in c.notes],
+            }
+        return out

@@ -1,0 +1,345 @@
+"""ONNX export: uint8 RGB tiles in, per-marker probabilities out, with a parity check.
+
+The exported graph holds the whole preprocessing (uint8 -> float, /255, mean/std normalisation,
+NHWC -> NCHW) and the final sigmoid, so a deployment only has to feed raw tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from histocsc import __version__
+from histocsc.errors import DataError, ModelError
+from histocsc.io import atomic_path
+
+PARITY_TOL = 1e-4
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+log = logging.getLogger(__name__)
+
+
+class TileModel(nn.Module):
+    """`model` with preprocessing and sigmoid inside: uint8 (N, H, W, 3) -> float (N, markers)."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean_t)
+        self.register_buffer("std", std_t)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        x = (x - self.mean) / self.std
+        return torch.sigmoid(self.model(x))
+
+
+@dataclass
+class ExportResult:
+    """Paths written and the parity figures measured."""
+
+    fp32: Path
+    max_abs_diff: float
+    int8: Path | None = None
+    int8_max_abs_diff: float | None = None
+    fp16: Path | None = None
+    fp16_max_abs_diff: float | None = None
+    exporter: str = "dynamo"
+    notes: list[str] = field(default_factory=list)
+
+
+def model_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The `metadata_props` strings written into every exported graph."""
+    try:
+        markers = list(meta["markers"])
+        tile_px = int(meta["tile_px"])
+        mpp = float(meta["mpp"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"model metadata lacks markers/tile_px/mpp: {exc}") from exc
+    thresholds = meta.get("thresholds") or {m: 0.5 for m in markers}
+    return {
+        "markers": json.dumps(markers),
+        "tile_px": str(tile_px),
+        "mpp": repr(mpp),
+        "thresholds": json.dumps(thresholds),
+        "histocsc_version": __version__,
+        "training_summary": json.dumps(meta.get("summary") or {}, default=str),
+        "backbone": str(meta.get("backbone", "")),
+        "mean": json.dumps(list(map(float, meta.get("mean", [0.0, 0.0, 0.0])))),
+        "std": json.dumps(list(map(float, meta.get("std", [1.0, 1.0, 1.0])))),
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Decode an exported model's `metadata_props` (markers, tile_px, mpp, thresholds, ...)."""
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises several types for a bad file
+        raise ModelError(f"{path}: not a readable ONNX model ({exc})") from exc
+    from histocsc.predict.engine import decode_metadata
+
+    return decode_metadata({p.key: p.value for p in proto.metadata_props}, path)
+
+
+def load_tiles(source: str | Path | np.ndarray, tile_px: int, limit: int = 256) -> np.ndarray:
+    """Tiles (N, tile_px, tile_px, 3) uint8 from an array, a `tiles.npy` or a folder of images.
+
+    Images larger than a tile give their centre crop; smaller ones are resized up.
+    """
+    if isinstance(source, np.ndarray):
+        arr = source
+    else:
+        path = Path(source)
+        if path.is_file() and path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r")
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if path.is_dir() and not files:
+                npys = sorted(path.rglob("tiles.npy"))
+                if npys:
+                    return _sample(np.concatenate([_sample(np.load(p, mmap_mode="r"), limit)
+                                                   for p in npys]), limit)
+                raise DataError(f"{path}: no images (.png/.jpg/.tif) or tiles.npy found")
+            arr = np.stack([_image_tile(p, tile_px) for p in files[:limit]])
+        else:
+            raise DataError(f"{path}: calibration/check tiles must be a folder or a .npy file")
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise DataError(f"tiles must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    if arr.shape[1:3] != (tile_px, tile_px):
+        arr = np.stack([_fit(t, tile_px) for t in arr[:limit]])
+    return np.ascontiguousarray(_sample(arr, limit))
+
+
+def _sample(arr: np.ndarray, limit: int) -> np.ndarray:
+    if len(arr) <= limit:
+        return np.asarray(arr)
+    idx = np.linspace(0, len(arr) - 1, limit).round().astype(int)
+    return np.asarray(arr[idx])
+
+
+def _image_tile(path: Path, tile_px: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            rgba = im.convert("RGBA")
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return _fit(np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), tile_px)
+
+
+def _fit(img: np.ndarray, tile_px: int) -> np.ndarray:
+    """Centre crop to a square tile, resizing only when the image is smaller than a tile."""
+    import cv2
+
+    h, w = img.shape[:2]
+    if min(h, w) < tile_px:
+        scale = tile_px / min(h, w)
+        img = cv2.resize(img, (max(tile_px, round(w * scale)), max(tile_px, round(h * scale))),
+                         interpolation=cv2.INTER_LINEAR)
+        h, w = img.shape[:2]
+    y0, x0 = (h - tile_px) // 2, (w - tile_px) // 2
+    return np.ascontiguousarray(img[y0:y0 + tile_px, x0:x0 + tile_px, :3])
+
+
+def synthetic_check_tiles(tile_px: int, n: int = 8, seed: int = 0) -> np.ndarray:
+    """A fixed batch of textured tiles, used for parity when no real tiles are given."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(n, tile_px // 8 + 1, tile_px // 8 + 1, 3), dtype=np.uint8)
+    smooth = np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)[:, :tile_px, :tile_px]
+    noise = rng.integers(-20, 21, size=smooth.shape)
+    return np.clip(smooth.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def export_onnx(
+    model: nn.Module,
+    meta: dict[str, Any],
+    out: str | Path,
+    int8: bool = False,
+    calibration: str | Path | np.ndarray | None = None,
+    fp16: bool = False,
+    check_tiles: str | Path | np.ndarray | None = None,
+) -> ExportResult:
+    """Export `model` (float NCHW normalised input, logits out) as a uint8-in ONNX graph.
+
+    Writes fp32 to `out`; with `int8`, also `<stem>.int8.onnx` (static QDQ quantization
+    calibrated on `calibration` tiles); with `fp16`, also `<stem>.fp16.onnx`. Raises ModelError if
+    the fp32 graph differs from PyTorch by more than 1e-4 on `check_tiles` (default: the
+    calibration tiles, else a fixed synthetic batch).
+    """
+    out = Path(out)
+    props = model_metadata(meta)
+    tile_px = int(meta["tile_px"])
+    wrapped = TileModel(model, list(meta.get("mean", [0, 0, 0])),
+                        list(meta.get("std", [1, 1, 1]))).eval().cpu()
+    if check_tiles is not None:
+        tiles = load_tiles(check_tiles, tile_px, limit=32)
+    elif calibration is not None:
+        tiles = load_tiles(calibration, tile_px, limit=32)
+    else:
+        tiles = synthetic_check_tiles(tile_px)
+    with torch.no_grad():
+        expected = wrapped(torch.from_numpy(tiles)).numpy()
+    if expected.shape[1] != len(json.loads(props["markers"])):
+        raise ModelError(f"model gives {expected.shape[1]} outputs for markers {props['markers']}")
+
+    exporter = _export_graph(wrapped, tile_px, out, props)
+    result = ExportResult(fp32=out, max_abs_diff=0.0, exporter=exporter)
+    if exporter != "dynamo":
+        result.notes.append("dynamo export failed; used the TorchScript exporter (dynamo=False)")
+    result.max_abs_diff = _max_diff(out, tiles, expected)
+    if not result.max_abs_diff <= PARITY_TOL:
+        out.unlink(missing_ok=True)
+        raise ModelError(f"{out}: ONNX fp32 differs from PyTorch by {result.max_abs_diff:.2e} "
+                         f"(> {PARITY_TOL:g}) on {len(tiles)} check tiles; export removed")
+    if int8:
+        if calibration is None:
+            raise DataError("int8 export needs calibration tiles (a folder of images or tiles.npy)")
+        calib = load_tiles(calibration, tile_px, limit=256)
+        result.int8 = out.with_name(out.stem + ".int8.onnx")
+        quantize_int8(out, result.int8, calib)
+        result.int8_max_abs_diff = _max_diff(result.int8, tiles, expected)
+    if fp16:
+        result.fp16 = out.with_name(out.stem + ".fp16.onnx")
+        convert_fp16(out, result.fp16)
+        result.fp16_max_abs_diff = _max_diff(result.fp16, tiles, expected)
+    return result
+
+
+def _export_graph(wrapped: nn.Module, tile_px: int, out: Path, props: dict[str, str]) -> str:
+    """torch.onnx.export with dynamo (falls back to TorchScript); returns the exporter used."""
+    import onnx
+
+    example = torch.zeros(2, tile_px, tile_px, 3, dtype=torch.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        exporter = "dynamo"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _quiet_onnx_logs()
+                program = torch.onnx.export(
+                    wrapped, (example,), dynamo=True, external_data=False, optimize=True,
+                    input_names=["tiles"], output_names=["probabilities"],
+                    dynamic_shapes={"tiles": {0: torch.export.Dim("batch", min=1)}},
+                    verbose=False,
+                )
+                proto = program.model_proto
+        except Exception as exc:  # any exporter failure: retry with the TorchScript exporter
+            log.warning("dynamo export failed (%s); falling back to dynamo=False", exc)
+            exporter = "torchscript"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapped, (example,), str(tmp), dynamo=False, opset_version=17,
+                    input_names=["tiles"], output_names=["probabilities"],
+                    dynamic_axes={"tiles": {0: "batch"}, "probabilities": {0: "batch"}},
+                )
+            proto = onnx.load(str(tmp))
+        _set_props(proto, {**props, "precision": "fp32", "exporter": exporter})
+        onnx.save(proto, str(tmp))
+    return exporter
+
+
+def _quiet_onnx_logs() -> None:
+    for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _set_props(proto: Any, props: dict[str, str]) -> None:
+    import onnx
+
+    old = {p.key: p.value for p in proto.metadata_props}
+    old.update(props)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, old)
+
+
+def _max_diff(path: Path, tiles: np.ndarray, expected: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = np.concatenate([sess.run(None, {"tiles": tiles[i:i + 8]})[0]
+                          for i in range(0, len(tiles), 8)])
+    return float(np.max(np.abs(got.astype(np.float64) - expected)))
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over a tile array, in small batches."""
+
+    def __init__(self, tiles: np.ndarray, batch: int = 16) -> None:
+        self._iter: Iterator[dict[str, np.ndarray]] = (
+            {"tiles": tiles[i:i + batch]} for i in range(0, len(tiles), batch))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+
+def quantize_int8(src: Path, dst: Path, calib: np.ndarray) -> None:
+    """Static QDQ int8 quantization (per-channel weights, uint8 activations) of `src`."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=dst.parent) as work:
+        pre = Path(work) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        proto = onnx.load(str(pre))
+        # keep the uint8 -> normalised float preprocessing and the final sigmoid in float
+        keep_float = [n.name for n in proto.graph.node
+                      if n.op_type in ("Cast", "Transpose", "Div", "Sub", "Sigmoid")
+                      and not _after_first_conv(proto, n)]
+        keep_float += [n.name for n in proto.graph.node if n.op_type == "Sigmoid"]
+        quantize_static(
+            str(pre), str(tmp), _Calibration(calib), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_float,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+        q = onnx.load(str(tmp))
+        _set_props(q, {"precision": "int8"})
+        onnx.save(q, str(tmp))
+
+
+def _after_first_conv(proto: Any, node: Any) -> bool:
+    """True if `node` comes after the first Conv/Gemm/MatMul in topological order."""
+    for n in proto.graph.node:
+        if n is node:
+            return False
+        if n.op_type in ("Conv", "Gemm", "MatMul"):
+            return True
+    return False
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Float16 weights and compute, keeping the uint8 input and float32 output."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(src))
+    half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    _set_props(half, {"precision": "fp16"})
+    with atomic_path(dst) as tmp:
+        onnx.save(half, str(tmp))

@@ -1,0 +1,230 @@
+"""The LightningModule: masked multi-label BCE, AdamW, cosine / one-cycle schedule, and
+per-marker AUROC / average precision (torchmetrics) on validation and test."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_roc,
+)
+
+from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_model
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None):
+    """Mean BCE per marker over labelled tiles only (target -1 is ignored), averaged over the
+    markers that have at least one labelled tile in the batch."""
+    mask = target >= 0
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), target.clamp(min=0).float(), pos_weight=pos_weight, reduction="none"
+    )
+    count = mask.sum(0)
+    per_marker = (loss * mask).sum(0) / count.clamp(min=1)
+    present = count > 0
+    if not present.any():
+        return (logits * 0).sum()
+    return per_marker[present].mean()
+
+
+class MarkerMetrics(Metric):
+    """Per-marker AUROC, average precision and a Youden threshold over labelled tiles."""
+
+    full_state_update = False
+
+    def __init__(self, markers: list[str]) -> None:
+        super().__init__()
+        self.markers = list(markers)
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.probs.append(torch.sigmoid(logits.detach().float()))
+        self.target.append(target.detach().to(torch.int8))
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        probs = _cat(self.probs, len(self.markers), torch.float32, self.device)
+        target = _cat(self.target, len(self.markers), torch.int8, self.device)
+        out: dict[str, dict[str, float]] = {}
+        for j, marker in enumerate(self.markers):
+            keep = target[:, j] >= 0
+            p, t = probs[keep, j], target[keep, j].long()
+            pos, neg = int((t == 1).sum()), int((t == 0).sum())
+            row = {"positive": float(pos), "negative": float(neg)}
+            if pos and neg:
+                row["auroc"] = float(binary_auroc(p, t))
+                row["ap"] = float(binary_average_precision(p, t))
+                fpr, tpr, thr = binary_roc(p, t)
+                best = int(torch.argmax(tpr - fpr))
+                row["threshold"] = float(min(1.0, max(0.0, float(thr[best]))))
+            else:
+                row.update(auroc=math.nan, ap=math.nan, threshold=0.5)
+            out[marker] = row
+        return out
+
+
+def _cat(items: Any, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(items, torch.Tensor):
+        return items
+    if not items:
+        return torch.zeros((0, width), dtype=dtype, device=device)
+    return torch.cat(items)
+
+
+class TileClassifier(L.LightningModule):
+    """One logit per marker from a tile. Batches arrive as uint8 NHWC and are normalised here."""
+
+    def __init__(
+        self,
+        markers: list[str],
+        backbone: str = "resnet18",
+        weights_path: str | None = None,
+        tile_px: int = 224,
+        mpp: float = 0.5,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        schedule: str = "cosine",
+        warmup_epochs: float = 0.0,
+        pos_weight: list[float] | None = None,
+        channels_last: bool = False,
+        data_summary: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["data_summary"])
+        self.model = build_model(backbone, len(markers), weights_path)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        pw = torch.tensor(pos_weight if pos_weight is not None else [1.0] * len(markers))
+        self.register_buffer("pos_weight", pw.float(), persistent=False)
+        self.val_metrics = MarkerMetrics(markers)
+        self.test_metrics = MarkerMetrics(markers)
+        self.thresholds = {m: 0.5 for m in markers}
+        self.last_val: dict[str, dict[str, float]] = {}
+        self.test_results: dict[str, dict[str, float]] = {}
+        self.data_summary = data_summary or {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        tiles, target = batch
+        if tiles.dtype == torch.uint8:
+            x = tiles.permute(0, 3, 1, 2).float()
+            x = (x - self.mean * 255.0) / self.std
+            if self.hparams.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            tiles = x
+        return tiles, target
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = masked_bce(self(x), y, self.pos_weight)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(
+            "val/loss", masked_bce(logits, y, self.pos_weight), batch_size=len(x), sync_dist=True
+        )
+        self.val_metrics.update(logits, y)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(
+            "test/loss", masked_bce(logits, y, self.pos_weight), batch_size=len(x), sync_dist=True
+        )
+        self.test_metrics.update(logits, y)
+
+    def _log_metrics(self, prefix: str, results: dict[str, dict[str, float]]) -> None:
+        aurocs = [r["auroc"] for r in results.values() if not math.isnan(r["auroc"])]
+        aps = [r["ap"] for r in results.values() if not math.isnan(r["ap"])]
+        values = {
+            f"{prefix}/auroc_mean": sum(aurocs) / len(aurocs) if aurocs else 0.0,
+            f"{prefix}/ap_mean": sum(aps) / len(aps) if aps else 0.0,
+        }
+        for marker, r in results.items():
+            if not math.isnan(r["auroc"]):
+                values[f"{prefix}/auroc/{marker}"] = r["auroc"]
+                values[f"{prefix}/ap/{marker}"] = r["ap"]
+        mean = values.pop(f"{prefix}/auroc_mean")
+        self.log(f"{prefix}/auroc_mean", mean, prog_bar=True)
+        self.log_dict(values)
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.last_val = results
+        self.thresholds = {m: r["threshold"] for m, r in results.items()}
+        self._log_metrics("val", results)
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.test_results = results
+        self._log_metrics("test", results)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=hp.lr, total_steps=total, pct_start=0.3
+            )
+        else:
+            epochs = max(1, self.trainer.max_epochs or 1)
+            warmup = min(total - 1, int(round(total * hp.warmup_epochs / epochs)))
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / (warmup + 1)
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def model_meta(self) -> dict[str, Any]:
+        """What `load_trained` needs to rebuild and use the model."""
+        hp = self.hparams
+        return {
+            "markers": list(hp.markers),
+            "tile_px": int(hp.tile_px),
+            "mpp": float(hp.mpp),
+            "backbone": hp.backbone,
+            "mean": [float(v) for v in hp.mean],
+            "std": [float(v) for v in hp.std],
+            "thresholds": dict(self.thresholds),
+            "summary": {
+                "epoch": int(self.current_epoch),
+                "global_step": int(self.global_step),
+                "val": self.last_val,
+                "data": self.data_summary,
+            },
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[META_KEY] = self.model_meta()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(META_KEY) or {}
+        self.thresholds = dict(meta.get("thresholds") or self.thresholds)

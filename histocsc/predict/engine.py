@@ -1,0 +1,338 @@
+"""Slide inference with onnxruntime: tissue grid, parallel tile reading ahead of compute, outputs.
+
+Reader threads (each with its own OpenSlide handle; OpenSlide decodes without the GIL) fill a
+bounded queue of tile batches in grid order while onnxruntime computes on the previous batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histocsc.errors import ConfigError, DataError, ModelError
+from histocsc.io import file_checksum, write_json
+from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
+from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
+from histocsc.wsi.slide import Slide, open_slide
+
+DEVICES = ("auto", "cpu", "cuda")
+ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
+                  ".bif"}
+
+
+def decode_metadata(props: dict[str, str], path: str | Path) -> dict[str, Any]:
+    """Turn the raw metadata strings into typed values; ModelError if a key is missing."""
+    missing = [k for k in ("markers", "tile_px", "mpp") if k not in props]
+    if missing:
+        raise ModelError(f"{path}: not a histocsc model, metadata lacks {', '.join(missing)}")
+    out: dict[str, Any] = {
+        "markers": json.loads(props["markers"]),
+        "tile_px": int(props["tile_px"]),
+        "mpp": float(props["mpp"]),
+        "thresholds": json.loads(props.get("thresholds", "{}")),
+        "histocsc_version": props.get("histocsc_version", ""),
+        "training_summary": json.loads(props.get("training_summary", "{}")),
+        "backbone": props.get("backbone", ""),
+        "precision": props.get("precision", "fp32"),
+    }
+    for m in out["markers"]:
+        out["thresholds"].setdefault(m, 0.5)
+    return out
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_providers(device: str) -> tuple[list[Any], str]:
+    """onnxruntime providers for `device` ('auto', 'cpu' or 'cuda') and the device picked."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise ConfigError(
+            "--device cuda needs onnxruntime-gpu with a working CUDA setup, but this onnxruntime "
+            f"{ort.__version__} offers only {', '.join(available)}; install onnxruntime-gpu "
+            "(pip install onnxruntime-gpu) or use --device cpu"
+        )
+    if device == "cuda" or (device == "auto" and has_cuda):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+    return ["CPUExecutionProvider"], "cpu"
+
+
+class Engine:
+    """An onnxruntime session on a histocsc model, with the model's metadata."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto",
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: model file not found")
+        providers, self.device = choose_providers(device)
+        self.threads = threads or cpu_count()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        # let reader threads have the cores while compute waits, instead of spinning
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own types for a bad file
+            raise ModelError(f"{self.path}: onnxruntime cannot load this model ({exc})") from exc
+        if self.device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ConfigError(f"{self.path}: CUDA was asked for but onnxruntime could not start it "
+                              "(check the CUDA / cuDNN libraries); use --device cpu")
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = decode_metadata(props, self.path)
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != ["tiles"]:
+            raise ModelError(f"{self.path}: expected one input named 'tiles', "
+                             f"got {[i.name for i in inputs]}")
+        self.markers: list[str] = self.meta["markers"]
+        self.tile_px: int = self.meta["tile_px"]
+        self.mpp: float = self.meta["mpp"]
+
+    def describe(self) -> str:
+        """One line naming the device and model, for the CLI."""
+        where = "CUDA GPU" if self.device == "cuda" else f"CPU, {self.threads} threads"
+        return (f"device: {self.device} ({where}); model {self.path.name}: "
+                f"{self.meta['precision']}, markers {', '.join(self.markers)}, "
+                f"{self.tile_px} px at {self.mpp:g} mpp")
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """Probabilities (N, markers) float32 for uint8 tiles (N, tile_px, tile_px, 3)."""
+        return self.session.run(["probabilities"], {"tiles": tiles})[0]
+
+    def model_info(self) -> dict[str, Any]:
+        """What summary.json records about the model."""
+        return {"path": str(self.path.resolve()), "checksum": file_checksum(self.path),
+                **self.meta, "device": self.device, "threads": self.threads}
+
+
+@dataclass
+class InferOptions:
+    """How slides are read and batched."""
+
+    batch: int = 32
+    workers: int = 2
+    slide_mpp: float | None = None  # overrides the slide's own pixel size (--mpp)
+    min_tissue: float | None = None  # keep tiles with at least this tissue fraction
+
+
+def read_batches(
+    slide_path: Path, slide_mpp: float | None, tiles: Tiles, batch: int, workers: int,
+) -> Iterator[np.ndarray]:
+    """Tile batches (B, tile_px, tile_px, 3) in grid order, read by `workers` threads ahead of
+    the consumer through a bounded queue of futures."""
+    local = threading.local()
+    handles: list[Slide] = []
+    lock = threading.Lock()
+    size = (tiles.tile_px, tiles.tile_px)
+
+    def slide() -> Slide:
+        if not hasattr(local, "slide"):
+            local.slide = open_slide(slide_path, mpp=slide_mpp)
+            with lock:
+                handles.append(local.slide)
+        return local.slide
+
+    def read(start: int) -> np.ndarray:
+        s = slide()
+        stop = min(start + batch, len(tiles.x))
+        out = np.empty((stop - start, *size, 3), np.uint8)
+        for k, i in enumerate(range(start, stop)):
+            out[k] = s.read(int(tiles.x[i]), int(tiles.y[i]), int(tiles.w[i]), int(tiles.h[i]),
+                            out_size=size)
+        return out
+
+    starts = iter(range(0, len(tiles.x), batch))
+    pending: deque[Future[np.ndarray]] = deque()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="histocsc-read")
+    try:
+        for start in starts:
+            pending.append(pool.submit(read, start))
+            if len(pending) >= 2 * max(1, workers):
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append(pool.submit(read, nxt))
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
+        for h in handles:
+            h.close()
+
+
+def make_tiles(slide: Slide, tile_px: int, mpp: float, min_tissue: float | None) -> Tiles:
+    """Tissue mask and tile grid at the model's mpp and tile size."""
+    cfg = TilesConfig(tile_px=tile_px, mpp=mpp)
+    if min_tissue is not None:
+        cfg = TilesConfig(tile_px=tile_px, mpp=mpp, min_tissue_fraction=min_tissue)
+    return tiles_from_grid(make_grid(slide, cfg))
+
+
+def tiles_from_grid(grid: TileGrid) -> Tiles:
+    """Adapt a histocsc.wsi.grid.TileGrid to the outputs' Tiles."""
+    size0, stride0 = tile_geometry(grid.slide_mpp, grid.tile_px, grid.mpp, grid.stride_px)
+
+    def col(k: str) -> np.ndarray:
+        return np.asarray(grid.table[k])
+
+    return Tiles(
+        x=col("x").astype(np.int64), y=col("y").astype(np.int64),
+        w=col("w").astype(np.int64), h=col("h").astype(np.int64),
+        tissue_fraction=col("tissue_fraction").astype(np.float64),
+        slide_width=int(grid.slide_width), slide_height=int(grid.slide_height),
+        slide_mpp=float(grid.slide_mpp), mpp=float(grid.mpp), tile_px=int(grid.tile_px),
+        step=float(stride0), size=float(size0),
+    )
+
+
+def is_done(out_dir: Path) -> bool:
+    """A slide is finished when its summary.json exists (it is written last)."""
+    return (out_dir / SUMMARY).is_file()
+
+
+def infer_slide(
+    engine: Engine, slide_path: str | Path, out_dir: str | Path, options: InferOptions,
+    progress: ProgressFactory | None = None,
+) -> dict[str, Any]:
+    """Run the model over the tissue tiles of one slide and write its outputs into `out_dir`."""
+    slide_path, out_dir = Path(slide_path), Path(out_dir)
+    t0 = time.perf_counter()
+    with open_slide(slide_path, mpp=options.slide_mpp) as slide:
+        tiles = make_tiles(slide, engine.tile_px, engine.mpp, options.min_tissue)
+        t_mpp = thumbnail_mpp(*slide.dimensions, slide.mpp, engine.mpp)
+        thumb = slide.thumbnail(t_mpp)
+        slide_info = {"name": slide_path.stem, "path": str(slide_path.resolve()),
+                      "width": slide.dimensions[0], "height": slide.dimensions[1],
+                      "mpp": slide.mpp, "vendor": slide.vendor,
+                      "checksum": file_checksum(slide_path)}
+    t1 = time.perf_counter()
+    probs = np.zeros((len(tiles.x), len(engine.markers)), np.float32)
+    done = 0
+    compute = 0.0
+    bar = progress(slide_path.name, len(tiles.x)) if progress else contextlib.nullcontext(None)
+    with bar as advance:
+        for batch in read_batches(slide_path, options.slide_mpp, tiles, options.batch,
+                                  options.workers):
+            c0 = time.perf_counter()
+            probs[done:done + len(batch)] = engine.predict(batch)
+            compute += time.perf_counter() - c0
+            done += len(batch)
+            if advance:
+                advance(len(batch))
+    t2 = time.perf_counter()
+    timings = {"tissue_and_grid": t1 - t0, "inference": t2 - t1, "onnxruntime": compute,
+               "tiles_per_s": len(tiles.x) / (t2 - t1) if t2 > t1 else 0.0}
+    summary = write_outputs(out_dir, tiles, probs, thumb, t_mpp, engine.model_info(), slide_info,
+                            timings | {"outputs": 0.0, "total": 0.0})
+    t3 = time.perf_counter()
+    timings |= {"outputs": t3 - t2, "total": t3 - t0}
+    summary["timings_s"] = timings
+    write_json(out_dir / SUMMARY, summary)
+    return summary
+
+
+def collect_slides(inputs: list[Path]) -> list[Path]:
+    """Slide files named directly, plus the slide files directly inside named folders."""
+    slides: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            if not found:
+                raise DataError(f"{path}: no slide files ({', '.join(sorted(SLIDE_SUFFIXES))})")
+            slides += found
+        elif path.is_file():
+            slides.append(path)
+        else:
+            raise DataError(f"{path}: no such slide file or folder")
+    unique = list(dict.fromkeys(p.resolve() for p in slides))
+    stems: dict[str, Path] = {}
+    for p in unique:
+        if p.stem in stems:
+            raise DataError(f"{p} and {stems[p.stem]} would share the output folder {p.stem}/")
+        stems[p.stem] = p
+    return unique
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def shard(slides: list[Path], index: int, count: int) -> list[Path]:
+    """A deterministic 1/count of `slides`: every count-th slide by sorted name, from index."""
+    ordered = sorted(slides, key=lambda p: (p.name, str(p)))
+    return ordered[index::count]
+
+
+@dataclass
+class RunReport:
+    """What a multi-slide run did."""
+
+    done: list[Path]
+    skipped: list[Path]
+    failed: list[tuple[Path, str]]
+
+
+def run_slides(
+    engine: Engine, slides: list[Path], out: Path, options: InferOptions,
+    say: Callable[[str], None] = print, overwrite: bool = False,
+    progress: ProgressFactory | None = None,
+) -> RunReport:
+    """Infer every slide, skipping finished ones and going on past failures."""
+    report = RunReport([], [], [])
+    for n, path in enumerate(slides, 1):
+        slide_out = out / path.stem
+        if is_done(slide_out) and not overwrite:
+            say(f"[{n}/{len(slides)}] {path.name}: already done, skipped ({slide_out / SUMMARY})")
+            report.skipped.append(path)
+            continue
+        try:
+            summary = infer_slide(engine, path, slide_out, options, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort
+            message = str(exc) if str(exc) else exc.__class__.__name__
+            say(f"[{n}/{len(slides)}] {path.name}: FAILED: {message}")
+            report.failed.append((path, message))
+            continue
+        t = summary["timings_s"]
+        say(f"[{n}/{len(slides)}] {path.name}: {summary['tiles']} tiles in {t['total']:.1f} s "
+            f"({t['tiles_per_s']:.0f} tiles/s) -> {slide_out}")
+        report.done.append(path)
+    return report

@@ -1,0 +1,436 @@
+"""Tile whole slides: tissue mask, tile grid, overview pictures and (optionally) tile pixels.
+
+Per slide, in `OUT/<slide_stem>/`: `mask.png` (tissue mask at the thumbnail resolution),
+`thumbnail.png` (the slide with kept tiles outlined), `grid.csv` + `grid.json` (see
+`histocsc.wsi.grid`) and, with `save_images`, `tiles.npy`: uint8 (N, tile_px, tile_px, 3) in grid
+row order, readable with `np.load(path, mmap_mode="r")`.
+
+Speed: tiles are read a row-run at a time (one `read_region` for up to `MAX_RUN` neighbouring
+tiles, at the coarsest level that is fine enough, resized with an area filter only if needed) and
+written straight into a memory-mapped `.npy`. The grid is cut into bands of rows that worker
+processes fill in parallel, each with its own slide handle; so one big slide uses every worker,
+and so do many small ones. Every output is written under a temporary name and renamed;
+`grid.json` is written last, so a slide counts as finished only when its sidecar exists and its
+parameters and slide checksum match the current run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import math
+import multiprocessing
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import openslide
+from PIL import Image
+
+from histocsc.errors import DataError, HistocscError, SlideError
+from histocsc.io import atomic_path, file_checksum, read_json
+from histocsc.wsi.grid import GRID_JSON, TileGrid, TilesConfig, make_grid
+from histocsc.wsi.slide import open_slide
+from histocsc.wsi.tissue import tissue_mask
+
+SLIDE_SUFFIXES = {
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+}
+TILES_NPY = "tiles.npy"
+MASK_PNG = "mask.png"
+THUMB_PNG = "thumbnail.png"
+MAX_RUN = 24  # tiles read by one read_region call
+CACHE_BYTES = 256 * 2**20  # OpenSlide tile cache per reader: two rows of JPEG tiles of a big slide
+OVERVIEW_MAX_PX = 2048  # long side of thumbnail.png
+Advance = Callable[[int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideTask:
+    """One slide to tile: its path, its output folder, and the pixel size to use when the file
+    does not record one."""
+
+    path: Path
+    out_dir: Path
+    slide_mpp: float | None = None
+
+
+@dataclasses.dataclass
+class SlideResult:
+    """What happened to one slide."""
+
+    path: Path
+    out_dir: Path
+    n_tiles: int = 0
+    skipped: bool = False
+    error: str | None = None
+
+
+def find_slides(inputs: list[Path]) -> list[Path]:
+    """Expand folders into the slide files directly inside them (sorted); keep files as given."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            inside = sorted(
+                p for p in item.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+            )
+            if not inside:
+                known = ", ".join(sorted(SLIDE_SUFFIXES))
+                raise SlideError(f"{item}: folder holds no slide files ({known})")
+            found.extend(inside)
+        elif not item.exists():
+            raise SlideError(f"{item}: file not found")
+        else:
+            found.append(item)
+    return found
+
+
+def plan_tasks(slides: list[Path], out: Path, slide_mpp: float | None = None) -> list[SlideTask]:
+    """One task per slide, output in `out/<stem>`; two slides with the same stem are an error."""
+    seen: dict[str, Path] = {}
+    tasks = []
+    for path in slides:
+        stem = path.stem
+        if stem in seen and seen[stem].resolve() != path.resolve():
+            raise DataError(f"{path}: same name as {seen[stem]}; both would write {out / stem}")
+        if stem in seen:
+            continue
+        seen[stem] = path
+        tasks.append(SlideTask(path=path, out_dir=out / stem, slide_mpp=slide_mpp))
+    return tasks
+
+
+def effective_mpp(task: SlideTask) -> float | None:
+    """The slide's own pixel size, else the task's fallback (None when neither exists)."""
+    with open_slide(task.path) as probe:
+        return probe.mpp if probe.has_mpp else task.slide_mpp
+
+
+def is_finished(task: SlideTask, cfg: TilesConfig, save_images: bool) -> bool:
+    """True when `task.out_dir` holds outputs of this slide file (same checksum and pixel size)
+    made with the same parameters (and holding tile pixels when `save_images`)."""
+    meta_path = task.out_dir / GRID_JSON
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = read_json(meta_path)
+        if meta.get("params") != cfg.model_dump(mode="json"):
+            return False
+        if meta.get("slide_checksum") != file_checksum(task.path):
+            return False
+        mpp = effective_mpp(task)
+        if mpp is None or not math.isclose(meta["slide_mpp"], mpp, rel_tol=1e-9):
+            return False
+        if not save_images:
+            return True
+        store = np.load(task.out_dir / TILES_NPY, mmap_mode="r")
+        return store.shape == (meta["n_tiles"], cfg.tile_px, cfg.tile_px, 3)
+    except (OSError, ValueError, KeyError, TypeError, HistocscError):
+        return False
+
+
+# -- one slide: grid and pictures ----------------------------------------------------------------
+def prepare_slide(
+    task: SlideTask, cfg: TilesConfig, save_images: bool
+) -> tuple[TileGrid, Path | None]:
+    """Make the grid, write mask.png and thumbnail.png, and create the empty tile store
+    (under a temporary name) when `save_images`. The grid itself is saved by `finish_slide`."""
+    task.out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in task.out_dir.glob(".tiles.*.tmp.npy"):  # left by an interrupted run
+        stale.unlink(missing_ok=True)
+    checksum = file_checksum(task.path)
+    slide_mpp = effective_mpp(task)
+    if slide_mpp is None:
+        raise SlideError(
+            f"{task.path}: the slide does not record its pixel size; pass it with --slide-mpp "
+            "(microns per pixel at full resolution, e.g. 0.5 for 20x, 0.25 for 40x)"
+        )
+    with open_slide(task.path, mpp=slide_mpp) as slide:
+        thumb = slide.thumbnail(cfg.tissue.mpp)
+        mask = tissue_mask(thumb, cfg.tissue.mpp, cfg.tissue)
+        grid = make_grid(slide, cfg, mask=mask, checksum=checksum)
+    with atomic_path(task.out_dir / MASK_PNG) as tmp:
+        Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
+    with atomic_path(task.out_dir / THUMB_PNG) as tmp:
+        Image.fromarray(draw_grid(thumb, grid)).save(tmp, format="PNG", compress_level=3)
+    tmp_tiles = None
+    if save_images:
+        tmp_tiles = task.out_dir / f".tiles.{uuid.uuid4().hex[:8]}.tmp.npy"
+        shape = (len(grid), grid.tile_px, grid.tile_px, 3)
+        store = np.lib.format.open_memmap(tmp_tiles, mode="w+", dtype=np.uint8, shape=shape)
+        del store
+    return grid, tmp_tiles
+
+
+def draw_grid(thumb: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """The thumbnail (at most OVERVIEW_MAX_PX on its long side) with kept tiles outlined."""
+    h, w = thumb.shape[:2]
+    scale = min(1.0, OVERVIEW_MAX_PX / max(h, w))
+    if scale < 1:
+        size = (round(w * scale), round(h * scale))
+        thumb = cv2.resize(thumb, size, interpolation=cv2.INTER_AREA)
+    out = np.ascontiguousarray(thumb)
+    sx, sy = out.shape[1] / grid.slide_width, out.shape[0] / grid.slide_height
+    for x, y, tw, th in grid.boxes:
+        p0 = (int(x * sx), int(y * sy))
+        p1 = (max(p0[0] + 1, int((x + tw) * sx) - 1), max(p0[1] + 1, int((y + th) * sy) - 1))
+        cv2.rectangle(out, p0, p1, (0, 170, 0), 1)
+    return out
+
+
+def finish_slide(task: SlideTask, grid: TileGrid, tmp_tiles: Path | None) -> None:
+    """Rename the filled tile store into place, then save grid.csv and grid.json (last)."""
+    if tmp_tiles is not None:
+        os.replace(tmp_tiles, task.out_dir / TILES_NPY)
+    grid.save(task.out_dir)
+
+
+# -- tile pixels ---------------------------------------------------------------------------------
+class TileReader:
+    """Reads runs of neighbouring tiles of one slide, fast.
+
+    When the tiles need no resizing (tile size at level 0 equals tile_px, as when the slide is
+    already at the tile mpp) and OpenSlide reads the file, one `read_region` per run goes
+    straight into the output with OpenCV copies, and a large tile cache keeps each JPEG tile
+    decoded once while rows of tiles cross it. Otherwise `Slide.read` picks the level and
+    resizes with an area filter.
+    """
+
+    def __init__(self, path: Path, slide_mpp: float | None) -> None:
+        self.slide = open_slide(path, mpp=slide_mpp)
+        self.osr: openslide.OpenSlide | None = None
+        if openslide.OpenSlide.detect_format(str(path)):
+            self.osr = openslide.OpenSlide(str(path))
+            self.osr.set_cache(openslide.OpenSlideCache(CACHE_BYTES))
+
+    def read_into(self, boxes: np.ndarray, tile_px: int, out: np.ndarray) -> None:
+        """Fill `out[k]` with the tile at `boxes[k]` (level-0 x, y, w, h), resized to tile_px."""
+        for i, j in _runs(boxes, MAX_RUN):
+            x0, y0, size0 = int(boxes[i, 0]), int(boxes[i, 1]), int(boxes[i, 2])
+            x1 = int(boxes[j - 1, 0] + boxes[j - 1, 2])
+            offsets = boxes[i:j, 0] - x0
+            if self.osr is not None and size0 == tile_px:
+                region = self._read_level0(x0, y0, x1 - x0, size0)
+            else:
+                scale = tile_px / size0
+                width = max(tile_px, round((x1 - x0) * scale))
+                region = self.slide.read(x0, y0, x1 - x0, size0, out_size=(width, tile_px))
+                offsets = np.minimum(np.round(offsets * scale).astype(int), width - tile_px)
+            code = cv2.COLOR_RGBA2RGB if region.shape[2] == 4 else None
+            for k, off in zip(range(i, j), offsets, strict=True):
+                tile = region[:, off : off + tile_px]
+                if code is None:
+                    out[k] = tile
+                else:
+                    cv2.cvtColor(tile, code, dst=out[k])
+
+    def _read_level0(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGBA (alpha 255) or RGB of a level-0 region, read directly with OpenSlide."""
+        assert self.osr is not None
+        try:
+            rgba = np.asarray(self.osr.read_region((x, y), 0, (w, h)))
+        except (openslide.OpenSlideError, OSError) as exc:
+            raise SlideError(
+                f"{self.slide.path}: cannot read pixels at x={x} y={y} ({exc})"
+            ) from None
+        if cv2.extractChannel(rgba, 3).min() == 255:
+            return rgba
+        alpha = rgba[..., 3:].astype(np.float32) / 255.0  # transparent areas become white
+        return np.clip(rgba[..., :3] * alpha + 255.0 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
+
+
+_READERS: dict[tuple[str, float | None], TileReader] = {}
+
+
+def _reader(path: Path, slide_mpp: float | None) -> TileReader:
+    """One reader per process and file, reused across chunks (keeps the tile cache warm)."""
+    key = (str(path), slide_mpp)
+    if key not in _READERS:
+        _READERS.clear()  # one slide at a time per process: release the previous one's cache
+        _READERS[key] = TileReader(path, slide_mpp)
+    return _READERS[key]
+
+
+def _runs(boxes: np.ndarray, max_run: int) -> Iterator[tuple[int, int]]:
+    """Index ranges [i, j) of neighbouring tiles on one row, at most `max_run` long."""
+    n = len(boxes)
+    i = 0
+    while i < n:
+        j = i + 1
+        while (
+            j < n
+            and j - i < max_run
+            and boxes[j, 1] == boxes[i, 1]
+            and 0 < boxes[j, 0] - boxes[j - 1, 0] <= boxes[j - 1, 2]
+        ):
+            j += 1
+        yield i, j
+        i = j
+
+
+def read_chunk(
+    path: Path,
+    slide_mpp: float | None,
+    store_path: Path,
+    start: int,
+    boxes: np.ndarray,
+    tile_px: int,
+) -> int:
+    """Worker job: read tiles `start .. start+len(boxes)` of a slide into its tile store."""
+    store = np.load(store_path, mmap_mode="r+")
+    _reader(path, slide_mpp).read_into(boxes, tile_px, store[start : start + len(boxes)])
+    store.flush()
+    del store
+    return len(boxes)
+
+
+def chunk_ranges(boxes: np.ndarray, target: int) -> list[tuple[int, int]]:
+    """Split tiles (in row order) into ranges of about `target` tiles that end at row ends."""
+    n = len(boxes)
+    if n == 0:
+        return []
+    row_ends = list(np.flatnonzero(np.diff(boxes[:, 1]) != 0) + 1) + [n]
+    ranges, start = [], 0
+    for end in row_ends:
+        if end - start >= target:
+            ranges.append((start, end))
+            start = end
+    if start < n:
+        ranges.append((start, n))
+    return ranges
+
+
+# -- several slides ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _executor(workers: int) -> Iterator[cf.Executor | None]:
+    if workers <= 1:
+        yield None
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield pool
+
+
+def _unordered(
+    pool: cf.Executor | None, fn: Callable[..., Any], jobs: dict[Any, tuple]
+) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """Run `fn(*args)` for each `key: args`; yield (key, result, error) as each finishes."""
+    if pool is None:
+        for key, args in jobs.items():
+            try:
+                yield key, fn(*args), None
+            except HistocscError as exc:
+                yield key, None, exc
+        return
+    futures = {pool.submit(fn, *args): key for key, args in jobs.items()}
+    try:
+        for fut in cf.as_completed(futures):
+            exc = fut.exception()
+            yield futures[fut], (None if exc else fut.result()), exc
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, HistocscError) else f"{exc.__class__.__name__}: {exc}"
+
+
+def tile_slides(
+    tasks: list[SlideTask],
+    cfg: TilesConfig,
+    save_images: bool = False,
+    workers: int = 1,
+    force: bool = False,
+    progress: Callable[[str, int, str], contextlib.AbstractContextManager[Advance]] | None = None,
+) -> list[SlideResult]:
+    """Tile every slide; finished slides with matching parameters are skipped unless `force`.
+
+    `progress(description, total, unit)` returns a context manager yielding `advance(n)`.
+    A failing slide does not stop the others; its error is in its result.
+    """
+    results = {t: SlideResult(path=t.path, out_dir=t.out_dir) for t in tasks}
+    todo = []
+    for task in tasks:
+        if not force and is_finished(task, cfg, save_images):
+            meta = read_json(task.out_dir / GRID_JSON)
+            results[task].skipped, results[task].n_tiles = True, int(meta["n_tiles"])
+        else:
+            todo.append(task)
+    bar = progress or _no_progress
+    with _executor(min(workers, max(1, os.cpu_count() or 1))) as pool:
+        prepared: dict[SlideTask, tuple[TileGrid, Path | None]] = {}
+        with bar("tissue", len(todo), "slides") as advance:
+            jobs = {t: (t, cfg, save_images) for t in todo}
+            for task, result, exc in _unordered(pool, prepare_slide, jobs):
+                advance(1)
+                if exc is not None:
+                    results[task].error = _message(exc)
+                else:
+                    prepared[task] = result
+        try:
+            _fill_stores(pool, prepared, results, workers, bar)
+        finally:
+            for _, tmp in prepared.values():
+                if tmp is not None and tmp.exists():
+                    tmp.unlink()
+    return [results[t] for t in tasks]
+
+
+def _fill_stores(
+    pool: cf.Executor | None,
+    prepared: dict[SlideTask, tuple[TileGrid, Path | None]],
+    results: dict[SlideTask, SlideResult],
+    workers: int,
+    bar: Callable[[str, int, str], contextlib.AbstractContextManager[Advance]],
+) -> None:
+    total = sum(len(g) for g, tmp in prepared.values() if tmp is not None)
+    pending: dict[SlideTask, int] = {}
+    jobs: dict[tuple[SlideTask, int], tuple] = {}
+    target = int(np.clip(total / (4 * max(1, workers)), 64, 2048))
+    for task, (grid, tmp) in prepared.items():
+        if tmp is None or len(grid) == 0:
+            finish_slide(task, grid, tmp)
+            results[task].n_tiles = len(grid)
+            continue
+        boxes = grid.boxes
+        ranges = chunk_ranges(boxes, target)
+        pending[task] = len(ranges)
+        for a, b in ranges:
+            jobs[(task, a)] = (task.path, grid.slide_mpp, tmp, a, boxes[a:b], grid.tile_px)
+    if not jobs:
+        return
+    with bar("tiles", total, "tiles") as advance:
+        for (task, _), n_read, exc in _unordered(pool, read_chunk, jobs):
+            if exc is not None:
+                results[task].error = results[task].error or _message(exc)
+            else:
+                advance(n_read)
+            pending[task] -= 1
+            if pending[task] == 0 and results[task].error is None:
+                grid, tmp = prepared[task]
+                finish_slide(task, grid, tmp)
+                results[task].n_tiles = len(grid)
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int, unit: str) -> Iterator[Advance]:
+    yield lambda n=1: None

@@ -1,0 +1,162 @@
+"""Training: learns planted marker signals, resumes, and rejects bad configurations."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histocsc.errors import ConfigError, HistocscError, LabelError, ModelError
+from histocsc.learn.model import load_trained
+from histocsc.learn.train import TrainConfig, load_train_config, train
+
+MARKERS = ["CD133", "CD44"]
+TILE = 32
+
+
+def _tile(rng: np.random.Generator, cd133: bool, cd44: bool) -> np.ndarray:
+    """A pink tile with purple nuclei; CD133+ has big dark nuclei, CD44+ a coarse texture."""
+    img = np.empty((TILE, TILE, 3), np.float32)
+    img[:] = (225, 170, 195)
+    img += rng.normal(0, 8, img.shape)
+    yy, xx = np.mgrid[:TILE, :TILE]
+    n_nuclei = rng.integers(3, 7)
+    radius = 4.5 if cd133 else 2.0
+    for _ in range(n_nuclei):
+        cy, cx = rng.uniform(0, TILE, 2)
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+        img[inside] = (90, 60, 140) if cd133 else (150, 110, 170)
+    if cd44:
+        stripes = ((yy // 3 + xx // 3) % 2).astype(np.float32)[..., None]
+        img -= 40 * stripes
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_prepared_cohort(root: Path, n_tiles: int = 120, seed: int = 0) -> Path:
+    """A tiny prepared cohort in the agreed layout: 3 train, 1 val, 1 test case."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = ["train", "train", "train", "val", "test"]
+    with (root / "cohort.csv").open("w") as f:
+        f.write("case,he,CD133,CD44,split\n")
+        for i, split in enumerate(splits):
+            f.write(f"case{i},he{i}.tif,cd133_{i}.tif,cd44_{i}.tif,{split}\n")
+    for i in range(len(splits)):
+        case = root / f"case{i}"
+        case.mkdir(exist_ok=True)
+        pos = rng.random((n_tiles, 2)) < (0.3, 0.4)
+        tiles = np.stack([_tile(rng, a, b) for a, b in pos])
+        np.save(case / "tiles.npy", tiles)
+        (case / "grid.json").write_text(
+            json.dumps({"slide_path": str(root / f"he{i}.tif"), "mpp": 2.0, "tile_px": TILE})
+        )
+        ignored = rng.random((n_tiles, 2)) < 0.05
+        with (case / "labels.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["x", "y", "w", "h", "tissue_fraction"]
+                       + [f"{m}_{k}" for m in MARKERS for k in ("fraction", "label")])
+            for t in range(n_tiles):
+                row = [t * 64, 0, 64, 64, 1.0]
+                for j in range(2):
+                    label = -1 if ignored[t, j] else int(pos[t, j])
+                    row += [float(pos[t, j]), label]
+                w.writerow(row)
+    return root
+
+
+def ci_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
+    base = {
+        "seed": 0,
+        "out": str(out),
+        "data.root": str(data),
+        "data.batch_size": 32,
+        "data.num_workers": 0,
+        "model.backbone": "tiny",
+        "optim.lr": 0.003,
+        "trainer.max_epochs": 6,
+        "trainer.patience": 10,
+        "trainer.accelerator": "cpu",
+        "trainer.devices": 1,
+        "trainer.progress_bar": False,
+    }
+    base.update(overrides)
+    return load_train_config(Path(__file__).parents[1] / "configs" / "train-ci.yaml", base)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared_cohort(tmp_path_factory.mktemp("prepared"))
+
+
+def test_learns_every_marker_on_held_out_case(cohort: Path, tmp_path: Path) -> None:
+    result = train(ci_config(cohort, tmp_path / "run"))
+    assert set(result.test) == set(MARKERS)
+    for marker in MARKERS:
+        assert result.test[marker]["auroc"] >= 0.9, (marker, result.test)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "run.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "logs/metrics.csv"):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["data"]["test"]["cases"] == ["case4"]
+    assert 340 < meta["data"]["train"]["tiles"] <= 360  # tiles with every label ignored are dropped
+    assert meta["data"]["train"]["labels"]["CD133"]["ignored"] > 0
+    model, info = load_trained(run)
+    assert info["markers"] == MARKERS and info["tile_px"] == TILE and info["backbone"] == "tiny"
+    assert set(info["thresholds"]) == set(MARKERS)
+    assert info["summary"]["test"]["CD133"]["auroc"] == result.test["CD133"]["auroc"]
+    assert not model.training
+
+
+def test_resume_continues_epochs(cohort: Path, tmp_path: Path) -> None:
+    first = train(ci_config(cohort, tmp_path / "run", **{"trainer.max_epochs": 1}))
+    assert first.epochs == 1
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    second = train(ci_config(cohort, tmp_path / "run", **{"trainer.max_epochs": 2}), resume=last)
+    assert second.epochs == 2
+    with (tmp_path / "run" / "logs" / "metrics.csv").open() as f:
+        epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val/auroc_mean")}
+    assert epochs == {"0", "1"}
+
+
+def test_unknown_backbone_is_a_config_error(cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet9000'"):
+        ci_config(cohort, tmp_path, **{"model.backbone": "resnet9000"})
+
+
+def test_missing_weights_file_is_a_model_error(cohort: Path, tmp_path: Path) -> None:
+    cfg = ci_config(cohort, tmp_path, **{"model.weights_path": str(tmp_path / "none.pth")})
+    with pytest.raises(ModelError, match="none.pth: weights file not found"):
+        train(cfg)
+
+
+def test_marker_without_labels_is_a_label_error(cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(HistocscError, match="CD999"):
+        train(ci_config(cohort, tmp_path, **{"data.markers": ["CD999"]}))
+    data = make_prepared_cohort(tmp_path / "nolabels", n_tiles=8)
+    for case in data.glob("case*/labels.csv"):
+        text = case.read_text().replace("CD44_label", "CD44_other")
+        case.write_text(text)
+    with pytest.raises(LabelError, match="CD44_label"):
+        train(ci_config(data, tmp_path / "run"))
+
+
+def test_augmentation_is_train_only_and_keeps_tiles_valid() -> None:
+    from histocsc.learn.augment import AugmentConfig, HEDJitter, build_augment
+
+    cfg = AugmentConfig()
+    assert build_augment(cfg, train=False) is None
+    assert build_augment(cfg.model_copy(update={"enabled": False})) is None
+    rng = np.random.default_rng(1)
+    tile = _tile(rng, True, False)
+    out = build_augment(cfg.model_copy(update={"stain_p": 1.0}))(image=tile)["image"]
+    assert out.shape == tile.shape and out.dtype == np.uint8
+    same = HEDJitter(scale=(1, 1), shift=(0, 0), p=1.0)(image=tile)["image"]
+    assert np.abs(same.astype(int) - tile).max() <= 1  # identity when nothing is jittered
+    more_h = HEDJitter(scale=(1.5, 1.5), shift=(0, 0), p=1.0)(image=tile)["image"]
+    assert more_h.mean() < tile.mean()  # more stain is darker
+    hestain = AugmentConfig(stain_method="random_preset", stain_p=1.0)
+    assert build_augment(hestain)(image=tile)["image"].shape == tile.shape
