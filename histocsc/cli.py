@@ -85,7 +85,9 @@ def tiles(
         float | None,
         typer.Option(help="Pixel size of the slides (µm/px) when the files do not record it."),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Redo slides that are already finished.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Redo slides that are already finished.")
+    ] = False,
 ) -> None:
     """Find tissue, lay a tile grid over it, write mask/thumbnail/grid (and tile pixels)."""
     from histocsc.config import load_config

@@ -21,6 +21,7 @@ import multiprocessing
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,10 +179,14 @@ def prepare_case(
             he_to_ihc, error = load_transform(transform_path)
             qc["registration_error_um"] = error.get("residual_um_median")
             qc["registration_error_um_p95"] = error.get("residual_um_p95")
+            qc["registration_error_blocks"] = error.get("blocks")
+            qc["registration_ncc"] = error.get("ncc")
+            qc["registration_poor"] = error.get("poor")
+            qc["tissue_overlap"] = error.get("tissue_overlap")
             qc["registration_ok"], problem = _registration_ok(error, label_cfg)
             if problem:
                 qc["error"] = f"{transform_path}: {problem}"
-            result = label_slide(xywh, he_size, he_mpp, case.ihc[marker], he_to_ihc, label_cfg)  # type: ignore[arg-type]
+            result = label_slide(xywh, he_mpp, case.ihc[marker], he_to_ihc, label_cfg)  # type: ignore[arg-type]
         except (RegistrationError, LabelError) as exc:
             qc["registration_ok"] = False
             qc["error"] = str(exc)
@@ -210,21 +215,26 @@ def prepare_case(
 
 
 def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str]:
-    """Whether a registration error estimate is good enough to label from, and why not.
+    """Whether a registration is good enough to label from, and why not.
 
-    Uses the median residual shift (µm) that registration measured after alignment, and its
-    own `poor` verdict.
+    Uses the registration's own quality figures (`transform.json` "error"): the overlap of the
+    aligned tissue masks (sections of another block overlap poorly), and the residual shift
+    measured after alignment (`residual_um_median`), used only when it was measured on at least
+    `min_error_blocks` tissue blocks: on a few blocks it is dominated by outliers.
     """
-    error_um = error.get("residual_um_median")
-    if not isinstance(error_um, (int, float)) or not np.isfinite(error_um):
-        return False, "registration gave no error estimate (too little matching tissue)"
-    if error.get("poor"):
-        return False, f"registration marked poor (error estimate {error_um:.1f} µm)"
-    if error_um > cfg.max_registration_error_um:
+    overlap = error.get("tissue_overlap")
+    error_um, blocks = error.get("residual_um_median"), int(error.get("blocks") or 0)
+    if not isinstance(overlap, (int, float)) or overlap < cfg.min_tissue_overlap:
         return False, (
-            f"registration error estimate {error_um:.1f} µm exceeds "
-            f"max_registration_error_um {cfg.max_registration_error_um:g}"
+            f"aligned tissue overlaps poorly ({overlap} < min_tissue_overlap "
+            f"{cfg.min_tissue_overlap}): sections of different blocks, or a failed alignment"
         )
+    if blocks >= cfg.min_error_blocks and isinstance(error_um, (int, float)):
+        if error_um > cfg.max_registration_error_um:
+            return False, (
+                f"registration error estimate {error_um:.1f} µm exceeds "
+                f"max_registration_error_um {cfg.max_registration_error_um:g}"
+            )
     return True, ""
 
 
@@ -275,11 +285,22 @@ def _run_one(
         error = f"case {case.case}: unexpected {type(exc).__name__}: {exc}"
         (out / case.case).mkdir(parents=True, exist_ok=True)
         (out / case.case / "error.txt").write_text(traceback.format_exc())
-    result = {"case": case.case, "split": case.split, "status": "failed",
-              "registration_ok": False, "error": error, "markers": {}, "reused": False}
+    result = _failed(case, error)
     if (out / case.case).is_dir():
         write_json(out / case.case / QC_FILE, result)
     return result
+
+
+def _failed(case: CohortCase, error: str) -> dict[str, Any]:
+    return {
+        "case": case.case,
+        "split": case.split,
+        "status": "failed",
+        "registration_ok": False,
+        "error": error,
+        "markers": {},
+        "reused": False,
+    }
 
 
 def _init_worker() -> None:
@@ -323,7 +344,10 @@ def run_cohort(
             }
             for future in as_completed(futures):
                 case = futures[future]
-                results[case.case] = future.result()
+                try:
+                    results[case.case] = future.result()
+                except BrokenProcessPool as exc:  # a worker died (e.g. killed for memory)
+                    results[case.case] = _failed(case, f"case {case.case}: worker died ({exc})")
                 if on_done:
                     on_done(results[case.case])
     ordered = [results[c.case] for c in cohort.cases]
@@ -341,11 +365,13 @@ def _write_cohort_copy(cohort: Cohort, path: Path) -> None:
             writer.writerow([c.case, str(c.he), *ihc, c.split])
 
 
-def summary_table(results: list[dict[str, Any]], markers: list[str]) -> Any:
+def summary_table(
+    results: list[dict[str, Any]], markers: list[str], title: str = "histocsc prepare"
+) -> Any:
     """A rich Table: per case tiles, positives/negatives per marker, registration error, status."""
     from rich.table import Table
 
-    table = Table(title="histocsc prepare")
+    table = Table(title=title)
     table.add_column("case")
     table.add_column("tiles", justify="right")
     for m in markers:
@@ -390,7 +416,7 @@ def run_and_report(
         )
     markers = read_json(out / "summary.json")["markers"]
     console = Console()
-    console.print(summary_table(results, markers))
+    console.print(summary_table(results, markers, f"histocsc {command}"))
     flagged = [r["case"] for r in results if r["status"] == "flagged"]
     failed = [r for r in results if r["status"] == "failed"]
     if flagged:

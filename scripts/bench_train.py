@@ -4,8 +4,12 @@ ratio real / synthetic (on a GPU it should be at least 0.85).
 
     python scripts/bench_train.py --data PREPARED [--backbone resnet18] [--batch-size 128]
                                   [--workers 8] [--steps 60] [--precision auto] [--json OUT]
+    python scripts/bench_train.py --phantom WORKDIR [--phantom-cases 4 --phantom-size 4096]
+                                  [--tile-px 224 --mpp 0.5 --stride-px 112] ...
 
-Without --data a prepared cohort of random tiles is written to a temporary folder.
+--phantom writes phantom slides into WORKDIR/phantom (unless there), tiles them and labels the
+tiles from the truth masks into WORKDIR/prepared (unless there). Without --data or --phantom a
+prepared cohort of random tiles is written to a temporary folder.
 """
 
 from __future__ import annotations
@@ -54,6 +58,24 @@ def write_random_cohort(root: Path, cases: int, tiles: int, tile_px: int) -> Pat
             for t in range(tiles):
                 w.writerow([t * tile_px, 0, tile_px, tile_px, 1.0, t % 2, (t // 2) % 2])
     return root
+
+
+def make_phantom(args: argparse.Namespace) -> Path:
+    """Phantom slides -> tiles + truth labels (each step skipped when its output exists)."""
+    from histocsc.learn.truth_prep import prepare_from_truth
+    from histocsc.synthetic.generate import make_cohort
+    from histocsc.wsi.grid import TilesConfig
+
+    src, out = args.phantom / "phantom", args.phantom / "prepared"
+    t0 = time.perf_counter()
+    if not (src / "cohort.csv").is_file():
+        make_cohort(src, args.phantom_cases, size_px=args.phantom_size, mpp=0.5, seed=0)
+    t1 = time.perf_counter()
+    if not (out / "cohort.csv").is_file():
+        cfg = TilesConfig(tile_px=args.tile_px, mpp=args.mpp, stride_px=args.stride_px)
+        prepare_from_truth(src, out, cfg, workers=max(1, os.cpu_count() or 1))
+    print(f"phantom: slides {t1 - t0:.1f} s, tiles + labels {time.perf_counter() - t1:.1f} s")
+    return out
 
 
 class RepeatBatches(IterableDataset):
@@ -132,7 +154,12 @@ def main() -> int:
     p.add_argument("--pipeline-batches", type=int, default=30)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--tile-px", type=int, default=224, help="random cohort only")
+    p.add_argument("--phantom", type=Path, help="work folder for phantom slides and tiles")
+    p.add_argument("--phantom-cases", type=int, default=4)
+    p.add_argument("--phantom-size", type=int, default=4096, help="phantom slide side, px")
+    p.add_argument("--tile-px", type=int, default=224, help="phantom / random cohort")
+    p.add_argument("--mpp", type=float, default=0.5, help="phantom: tile resolution")
+    p.add_argument("--stride-px", type=int, default=None, help="phantom: tile step (overlap)")
     p.add_argument("--tiles", type=int, default=1024, help="random cohort: tiles per case")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -140,6 +167,8 @@ def main() -> int:
 
     tmp = None
     data_dir = args.data
+    if data_dir is None and args.phantom is not None:
+        data_dir = make_phantom(args)
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-train-")
         data_dir = write_random_cohort(Path(tmp.name), 3, args.tiles, args.tile_px)

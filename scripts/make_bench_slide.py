@@ -114,8 +114,8 @@ def main() -> None:
     took = time.perf_counter() - start
     share = is_tissue.mean()
     size_mb = args.out.stat().st_size / 1e6
-    print(f"{args.out}: {args.width}x{args.height} px at {args.mpp} µm/px, tissue cells {share:.0%},")
-    print(f"  {size_mb:.0f} MB, built in {took:.0f} s")
+    print(f"{args.out}: {args.width}x{args.height} px at {args.mpp} µm/px,")
+    print(f"  tissue cells {share:.0%}, {size_mb:.0f} MB, built in {took:.0f} s")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_deconvolution_recovers_known_stain_amounts() -> None:
 
 def test_dab_is_found_where_the_brown_is(colon_ihc: np.ndarray) -> None:
     rgb = colon_ihc.astype(int)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    r, b = rgb[..., 0], rgb[..., 2]
     brown = (r > b + 40) & (r < 200)  # by colour alone, independent of the stain model
     blue = (b > r + 20) & (b < 220)  # hematoxylin-only nuclei
     assert brown.sum() > 1000 and blue.sum() > 1000
@@ -78,8 +78,11 @@ def test_named_custom_and_estimated_matrices(colon_ihc: np.ndarray) -> None:
     assert he.names == ("hematoxylin", "eosin", "residual")
     assert np.allclose(np.linalg.norm(he.vectors, axis=1), 1)
     custom = stains_from_config(
-        StainConfig(name="custom", vectors=[[0.65, 0.70, 0.29], [0.27, 0.57, 0.78]],
-                    names=["hematoxylin", "dab"])
+        StainConfig(
+            name="custom",
+            vectors=[[0.65, 0.70, 0.29], [0.27, 0.57, 0.78]],
+            names=["hematoxylin", "dab"],
+        )
     )
     assert np.allclose(custom.vectors[:2], named_stains("H-DAB").vectors[:2], atol=0.01)
     estimated = macenko_stains(colon_ihc)

@@ -68,7 +68,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         sample = np.stack([s.read(x, 300, 96, 96, out_size=(TILE, TILE))
                            for x in range(200, 800, 40)])
     med = np.median(engine.predict(sample), axis=0)
-    meta["thresholds"] = {m: float(v) for m, v in zip(MARKERS, med)}
+    meta["thresholds"] = {m: float(v) for m, v in zip(MARKERS, med, strict=True)}
     export_onnx(model, meta, onnx_path)
     return {"root": root, "slides": slides, "model": onnx_path}
 
@@ -205,3 +205,108 @@ def test_not_a_model_is_a_clear_error(workspace: dict[str, Path], tmp_path: Path
     bad.write_bytes(b"not onnx")
     code, output = infer([str(workspace["slides"]), "--model", str(bad), "--out", str(tmp_path)])
     assert code == 1 and "bad.onnx" in output
+
+
+class SmallNet(torch.nn.Module):
+    """A few strided convolutions with mean+max pooling: trains in seconds on 32 px tiles."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.fc = nn.Linear(64, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.fc(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+
+
+def phantom_tiles(case_dir: Path, tile_px: int, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue tiles of a phantom H&E and their truth positive fractions per marker."""
+    from histocsc.synthetic.truth import load_truth, truth_labels
+    from histocsc.wsi.grid import TilesConfig, make_grid
+
+    truth = load_truth(case_dir)
+    with open_slide(case_dir / truth["he"]["path"]) as slide:
+        grid = make_grid(slide, TilesConfig(tile_px=tile_px, mpp=mpp))
+        t = grid.table
+        tiles = np.stack([slide.read(t["x"][i], t["y"][i], t["w"][i], t["h"][i],
+                                     out_size=(tile_px, tile_px)) for i in range(len(grid))])
+    return tiles, np.stack([truth_labels(truth, m, grid) for m in MARKERS], 1)
+
+
+def quick_train(tiles: np.ndarray, labels: np.ndarray, steps: int = 400) -> tuple:
+    """Train SmallNet on tiles labelled positive where at least half the tile is positive."""
+    torch.manual_seed(0)
+    mean = (tiles.reshape(-1, 3).mean(0) / 255).tolist()
+    std = (tiles.reshape(-1, 3).std(0) / 255).tolist()
+    x = torch.from_numpy(tiles).float().div(255).permute(0, 3, 1, 2)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    y = torch.from_numpy((labels >= 0.5).astype(np.float32))
+    x, y = torch.cat([x, x.flip(3), x.flip(2)]), torch.cat([y, y, y])
+    model = SmallNet(len(MARKERS))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,))
+        # colour jitter: phantom cases differ in stain, as real slides do
+        xb = x[idx] * (1 + 0.15 * torch.randn(64, 3, 1, 1)) + 0.3 * torch.randn(64, 3, 1, 1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xb), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), mean, std
+
+
+@pytest.mark.slow
+def test_thresholded_heatmap_matches_truth_masks(tmp_path: Path) -> None:
+    """Dice >= 0.7 per marker between the score grid above threshold and the phantom truth."""
+    from histocsc.synthetic.generate import make_case
+    from histocsc.synthetic.truth import load_truth, truth_labels
+
+    tile_px, mpp = 32, 1.0
+    cases = {name: make_case(tmp_path / "phantom", name, seed, size_px=2560, mpp=1.0)
+             for name, seed in (("train1", 7), ("train2", 8), ("test", 6))}
+    data = [phantom_tiles(cases[n], tile_px, mpp) for n in ("train1", "train2")]
+    model, mean, std = quick_train(np.concatenate([d[0] for d in data]),
+                                   np.concatenate([d[1] for d in data]))
+    meta = {"markers": MARKERS, "tile_px": tile_px, "mpp": mpp, "backbone": "small",
+            "mean": mean, "std": std, "thresholds": {m: 0.5 for m in MARKERS},
+            "summary": {"train_cases": ["train1", "train2"]}}
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(model, meta, onnx_path)
+    truth = load_truth(cases["test"])
+    out = tmp_path / "out"
+    code, output = infer([str(cases["test"] / truth["he"]["path"]), "--model", str(onnx_path),
+                          "--out", str(out)])
+    assert code == 0, output
+    d = out / Path(truth["he"]["path"]).stem
+    grid = np.load(d / "score_grid.npy")
+    geom = json.loads((d / "score_grid.json").read_text())
+    rows, cols = np.nonzero(np.isfinite(grid[..., 0]))
+    step, size = geom["step_px"], geom["tile_size_px"]
+    boxes = np.stack([cols * step, rows * step, np.full(len(rows), size),
+                      np.full(len(rows), size)], 1)
+    for j, m in enumerate(MARKERS):
+        predicted = grid[rows, cols, j] >= geom["thresholds"][m]
+        positive = truth_labels(truth, m, boxes) >= 0.5
+        assert positive.sum() >= 10, m
+        dice = 2 * (predicted & positive).sum() / (predicted.sum() + positive.sum())
+        assert dice >= 0.7, f"{m}: Dice {dice:.2f}"
+
+
+def test_slide_without_pixel_size_needs_mpp(workspace: dict[str, Path], real_data: Path,
+                                            tmp_path: Path) -> None:
+    """The real TCGA slide records no pixel size: a clear error, then --mpp makes it work."""
+    slide = real_data / "svs" / "tcga-cr-7395-01a-01-ts1.svs"
+    code, output = infer([str(slide), "--model", str(workspace["model"]), "--out",
+                          str(tmp_path)])
+    assert code == 1 and "--mpp" in output and "tcga-cr-7395" in output
+    code, output = infer([str(slide), "--model", str(workspace["model"]), "--out",
+                          str(tmp_path), "--mpp", "0.5"])
+    assert code == 0, output
+    summary = json.loads((tmp_path / slide.stem / "summary.json").read_text())
+    assert summary["slide"]["mpp"] == 0.5 and summary["tiles"] > 0

@@ -20,7 +20,14 @@ import pytest
 from histocsc.config import load_config
 from histocsc.errors import ConfigError, DataError
 from histocsc.ihc.cohort import read_cohort
-from histocsc.ihc.labels import LabelConfig, box_sums, label_slide, measure_tiles, to_labels
+from histocsc.ihc.labels import (
+    IhcMaps,
+    LabelConfig,
+    box_sums,
+    label_slide,
+    measure_tiles,
+    to_labels,
+)
 from histocsc.io import read_json
 from histocsc.prepare import StageConfigs, run_cohort
 from histocsc.synthetic.generate import make_cohort
@@ -109,7 +116,8 @@ def test_rotated_mirrored_footprints() -> None:
 
     xs, ys = np.meshgrid(np.arange(300, 700, 50), np.arange(300, 700, 50))
     xywh = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, 50), np.full(xs.size, 50)], 1)
-    got = measure_tiles(xywh, (1000, 1000), he_mpp, (tissue, positive), ihc_mpp, he_to_ihc, cfg)
+    maps = IhcMaps(tissue, positive, origin=(0.0, 0.0), scale=(ihc_mpp / 2.0, ihc_mpp / 2.0))
+    got = measure_tiles(xywh, he_mpp, maps, he_to_ihc, cfg)
     centres = he_to_ihc(xywh[:, :2] + 25.0)
     clear = np.abs(centres[:, 0] - 300) > 25  # tile wholly on one side of the edge
     assert clear.sum() > 20
@@ -125,9 +133,9 @@ def test_labels_match_truth_with_true_transform(cohort: Path) -> None:
         t = load_truth(cohort.parent / case.case)
         with open_slide(case.he) as slide:
             grid = make_grid(slide, TILES)
-        size, mpp = (grid.slide_width, grid.slide_height), grid.slide_mpp
         for m in MARKERS:
-            res = label_slide(grid.boxes, size, mpp, case.ihc[m], transform(t, m).forward, cfg)
+            he_to_ihc = transform(t, m).forward
+            res = label_slide(grid.boxes, grid.slide_mpp, case.ihc[m], he_to_ihc, cfg)
             pred[m].append(res.label)
             truth[m].append(truth_labels(t, m, grid))
     for m in MARKERS:
@@ -195,22 +203,22 @@ def write_cohort(path: Path, rows: list[list[str]], header: str = "case,he,CD44,
 
 def test_unrelated_ihc_and_missing_file_other_cases_go_on(cohort: Path, tmp_path: Path) -> None:
     src = cohort.parent
-    table = write_cohort(
-        tmp_path / "cohort.csv",
-        [
-            ["good", str(src / "case002/case002_HE.tiff"), str(src / "case002/case002_CD44.tiff"), "train"],
-            ["mismatch", str(src / "case000/case000_HE.tiff"), str(src / "case001/case001_CD44.tiff"), "train"],
-            ["missing", str(src / "case001/nope_HE.tiff"), str(src / "case001/case001_CD44.tiff"), "val"],
-        ],
-    )  # fmt: skip
+
+    def slide(case: str, name: str) -> str:
+        return str(src / case / f"{case}_{name}.tiff")
+
+    rows = [
+        ["good", slide("case002", "HE"), slide("case002", "CD44"), "train"],
+        ["mismatch", slide("case000", "HE"), slide("case001", "CD44"), "train"],  # other block
+        ["missing", str(src / "case001" / "nope_HE.tiff"), slide("case001", "CD44"), "val"],
+    ]
+    table = write_cohort(tmp_path / "cohort.csv", rows)
     out = tmp_path / "out"
     results = {r["case"]: r for r in run_cohort(table, out, StageConfigs(tiles=TILES), workers=1)}
     assert results["good"]["status"] == "ok"
     bad = results["mismatch"]
     assert bad["status"] == "flagged" and bad["registration_ok"] is False
-    assert "case001_CD44.tiff" in bad["markers"]["CD44"]["error"] or "µm" in bad["markers"][
-        "CD44"
-    ]["error"]
+    assert bad["markers"]["CD44"]["error"]  # why it is flagged, in words
     qc = read_json(out / "mismatch" / "qc.json")
     assert qc["registration_ok"] is False
     with (out / "mismatch" / "labels.csv").open() as f:
@@ -271,3 +279,20 @@ def test_cli_label_reuses_prepared_and_reports_failures(
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
     assert "nope.tiff" in bad.stderr and "1 of 1 case(s) failed" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "ok"),
+    [
+        ({"tissue_overlap": 0.9, "residual_um_median": 4.0, "blocks": 40}, True),
+        ({"tissue_overlap": 0.56, "residual_um_median": 4.0, "blocks": 3}, False),  # other block
+        ({"tissue_overlap": 0.9, "residual_um_median": 80.0, "blocks": 40}, False),  # poor fit
+        ({"tissue_overlap": 0.9, "residual_um_median": 80.0, "blocks": 2}, True),  # too few blocks
+        ({}, False),  # no quality figures at all
+    ],
+)
+def test_registration_qc(error: dict, ok: bool) -> None:
+    from histocsc.prepare import _registration_ok
+
+    good, why = _registration_ok(error, LabelConfig())
+    assert good is ok and bool(why) is not ok

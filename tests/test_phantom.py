@@ -148,10 +148,10 @@ def test_dab_is_higher_inside_the_marker_mask(cohort: Path) -> None:
         truth = load_truth(cohort / case)
         ds = truth["mask_downsample"]
         for m in MARKERS:
-            rgb = _read(truth["markers"][m]["ihc"]["path"])[::4, ::4]
+            rgb = _read(truth["markers"][m]["ihc"]["path"])[::8, ::8]
             dab = separate_stains(rgb, hdx_from_rgb)[..., 1]
             ys, xs = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
-            pts = np.stack([xs.ravel(), ys.ravel()], 1) * 4.0 + 2.0
+            pts = np.stack([xs.ravel(), ys.ravel()], 1) * 8.0 + 0.5
             he = ihc_to_he(truth, m, pts)
             mask = load_mask(truth, m)
             ix = np.clip((he[:, 0] // ds).astype(int), 0, mask.shape[1] - 1)

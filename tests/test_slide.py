@@ -44,9 +44,16 @@ def test_slide_without_mpp_needs_one(svs):
         assert slide.read(0, 0, 800, 600, mpp=1.0).shape == (150, 200, 3)
 
 
-@pytest.mark.parametrize("mpp, shape", [(None, (1000, 1200, 3)), (0.499, (1000, 1200, 3)),
-                                        (1.0, (499, 599, 3)), (2.0, (250, 299, 3)),
-                                        (8.0, (62, 75, 3))])
+@pytest.mark.parametrize(
+    "mpp, shape",
+    [
+        (None, (1000, 1200, 3)),
+        (0.499, (1000, 1200, 3)),
+        (1.0, (499, 599, 3)),
+        (2.0, (250, 299, 3)),
+        (8.0, (62, 75, 3)),
+    ],
+)
 def test_read_sizes_at_several_mpp(svs, mpp, shape):
     with open_slide(svs / CMU) as slide:
         region = slide.read(600, 1200, 1200, 1000, mpp=mpp)

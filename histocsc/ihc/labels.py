@@ -11,6 +11,7 @@ All optical densities are base-10 (OD = -log10(I / I0)), as in QuPath.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,13 @@ class LabelConfig(StrictModel):
         0.2, ge=0, le=1, description="tiles whose IHC footprint holds less tissue are ignored (-1)"
     )
     max_registration_error_um: float = Field(
-        25.0, gt=0, description="a marker whose registration error estimate exceeds this is flagged"
+        30.0, gt=0, description="a marker whose registration error estimate exceeds this is flagged"
+    )
+    min_error_blocks: int = Field(
+        5, ge=1, description="the error estimate counts only when measured on this many blocks"
+    )
+    min_tissue_overlap: float = Field(
+        0.75, ge=0, le=1, description="a marker whose registered tissue overlaps less is flagged"
     )
     label_map_max_px: int = Field(2048, ge=64, description="longest side of label_map_<M>.png")
 
@@ -84,51 +91,91 @@ def stain_maps(rgb: np.ndarray, cfg: LabelConfig) -> tuple[np.ndarray, np.ndarra
     return tissue.astype(np.uint8), positive.astype(np.uint8)
 
 
-def read_stain_maps(slide, cfg: LabelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Read an IHC slide once at `cfg.label_mpp`, band by band, into tissue and positive maps."""
-    width, height = slide.dimensions
-    scale = cfg.label_mpp / slide.mpp  # level-0 px per label px
-    out_w, out_h = max(1, round(width / scale)), max(1, round(height / scale))
+@dataclass
+class IhcMaps:
+    """Tissue and DAB-positive-tissue maps (uint8 0/1) of an IHC region at about label_mpp.
+
+    Map pixel (i, j) covers IHC level-0 x in [x0 + j / scale[0], x0 + (j + 1) / scale[0]) and
+    likewise in y; `origin` = (x0, y0), `scale` = map px per IHC level-0 px in x and y.
+    """
+
+    tissue: np.ndarray
+    positive: np.ndarray
+    origin: tuple[float, float] = (0.0, 0.0)
+    scale: tuple[float, float] = (1.0, 1.0)
+
+
+def footprint_region(
+    tiles_xywh: np.ndarray, he_to_ihc: PointMap, ihc_size: tuple[int, int], margin: float
+) -> tuple[int, int, int, int] | None:
+    """IHC level-0 box (x, y, w, h) holding every tile's mapped footprint (+ margin), clipped to
+    the slide; None when no footprint touches the slide. Footprints are sampled on their corners
+    and edge midpoints."""
+    xywh = np.asarray(tiles_xywh, dtype=np.float64).reshape(-1, 4)
+    if not len(xywh):
+        return None
+    fx = np.array([0.0, 0.5, 1.0, 0.0, 1.0, 0.0, 0.5, 1.0])
+    fy = np.array([0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0])
+    pts = np.stack(
+        [xywh[:, :1] + fx * xywh[:, 2:3], xywh[:, 1:2] + fy * xywh[:, 3:4]], axis=-1
+    ).reshape(-1, 2)
+    mapped = np.asarray(he_to_ihc(pts), dtype=np.float64)
+    x0, y0 = np.floor(mapped.min(axis=0) - margin)
+    x1, y1 = np.ceil(mapped.max(axis=0) + margin)
+    x0, y0 = max(0, int(x0)), max(0, int(y0))
+    x1, y1 = min(ihc_size[0], int(x1)), min(ihc_size[1], int(y1))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def read_stain_maps(
+    slide, cfg: LabelConfig, region: tuple[int, int, int, int] | None = None
+) -> IhcMaps:
+    """Read an IHC region (level-0 x, y, w, h; default whole slide) once at `cfg.label_mpp`,
+    band by band, into tissue and DAB-positive maps."""
+    x, y, w, h = region if region is not None else (0, 0, *slide.dimensions)
+    step = cfg.label_mpp / slide.mpp  # level-0 px per label px
+    # floor: the read is never finer than asked, so the slide can serve it from a coarser level
+    out_w, out_h = max(1, int(w / step)), max(1, int(h / step))
     tissue = np.zeros((out_h, out_w), np.uint8)
     positive = np.zeros((out_h, out_w), np.uint8)
     for r0 in range(0, out_h, BAND_ROWS):
         r1 = min(out_h, r0 + BAND_ROWS)
-        y0 = round(r0 * scale)
-        y1 = height if r1 == out_h else round(r1 * scale)
-        rgb = slide.read(0, y0, width, max(1, y1 - y0), out_size=(out_w, r1 - r0))
+        y0 = math.floor(r0 * h / out_h)
+        y1 = min(h, math.ceil(r1 * h / out_h))
+        rgb = slide.read(x, y + y0, w, max(1, y1 - y0), out_size=(out_w, r1 - r0))
         tissue[r0:r1], positive[r0:r1] = stain_maps(rgb, cfg)
-    return tissue, positive
+    return IhcMaps(tissue, positive, (float(x), float(y)), (out_w / w, out_h / h))
 
 
 def warp_to_he(
-    maps: list[np.ndarray],
+    maps: IhcMaps,
     he_to_ihc: PointMap,
-    he_shape: tuple[int, int],
+    window: tuple[int, int, int, int],
     he_mpp: float,
-    ihc_mpp: float,
     label_mpp: float,
-) -> list[np.ndarray]:
-    """Warp IHC maps (at label_mpp) into the H&E frame (at label_mpp, shape (H, W)), float32.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue and positive IHC maps warped into an H&E window (label px x, y, w, h), float32.
 
-    Each output pixel is the bilinear value of the IHC map at the IHC point the transform sends
-    that H&E pixel to; outside the IHC the value is 0.
+    H&E label pixel (i, j) covers level-0 [j * s, (j + 1) * s) with s = label_mpp / he_mpp. Each
+    output pixel is the bilinear value of the IHC map at the point the transform sends its
+    centre to; outside the mapped IHC region the value is 0. The transform is evaluated every
+    MAP_STEP px and interpolated bilinearly in between.
     """
-    out_h, out_w = he_shape
-    outs = [np.zeros((out_h, out_w), np.float32) for _ in maps]
-    srcs = [m.astype(np.float32) for m in maps]
+    wx, wy, out_w, out_h = window
+    srcs = [maps.tissue.astype(np.float32), maps.positive.astype(np.float32)]
+    outs = [np.zeros((out_h, out_w), np.float32) for _ in srcs]
     he_scale = label_mpp / he_mpp  # H&E level-0 px per label px
-    ihc_scale = ihc_mpp / label_mpp  # IHC label px per IHC level-0 px
     for r0 in range(0, out_h, BAND_ROWS):
         r1 = min(out_h, r0 + BAND_ROWS)
-        # the transform on a coarse grid of nodes (every MAP_STEP px, covering the band) ...
         nodes_x = np.arange(0, out_w + MAP_STEP, MAP_STEP, dtype=np.float64)
         nodes_y = np.arange(r0, r1 + MAP_STEP, MAP_STEP, dtype=np.float64)
-        gx, gy = np.meshgrid(nodes_x, nodes_y)
-        he_pts = np.stack([(gx.ravel() + 0.5) * he_scale, (gy.ravel() + 0.5) * he_scale], axis=1)
+        gx, gy = np.meshgrid(nodes_x + wx + 0.5, nodes_y + wy + 0.5)
+        he_pts = np.stack([gx.ravel() * he_scale, gy.ravel() * he_scale], axis=1)
         ihc_pts = np.asarray(he_to_ihc(he_pts), dtype=np.float64).reshape(gx.shape + (2,))
-        coarse_x = (ihc_pts[..., 0] * ihc_scale - 0.5).astype(np.float32)
-        coarse_y = (ihc_pts[..., 1] * ihc_scale - 0.5).astype(np.float32)
-        # ... interpolated bilinearly to every pixel of the band
+        coarse_x = ((ihc_pts[..., 0] - maps.origin[0]) * maps.scale[0] - 0.5).astype(np.float32)
+        coarse_y = ((ihc_pts[..., 1] - maps.origin[1]) * maps.scale[1] - 0.5).astype(np.float32)
         fx, fy = np.meshgrid(
             np.arange(out_w, dtype=np.float32) / MAP_STEP,
             np.arange(r1 - r0, dtype=np.float32) / MAP_STEP,
@@ -139,7 +186,7 @@ def warp_to_he(
             out[r0:r1] = cv2.remap(
                 src, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
             )
-    return outs
+    return outs[0], outs[1]
 
 
 def box_sums(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -164,25 +211,23 @@ def to_labels(fraction: np.ndarray, tissue: np.ndarray, cfg: LabelConfig) -> np.
 
 def measure_tiles(
     tiles_xywh: np.ndarray,
-    he_size: tuple[int, int],
     he_mpp: float,
-    ihc_maps: tuple[np.ndarray, np.ndarray],
-    ihc_mpp: float,
+    maps: IhcMaps,
     he_to_ihc: PointMap,
     cfg: LabelConfig,
 ) -> MarkerLabels:
-    """Label H&E tiles (level-0 x, y, w, h rows) from IHC (tissue, positive) maps at label_mpp."""
-    he_w, he_h = he_size
-    scale = he_mpp / cfg.label_mpp  # label px per H&E level-0 px
-    shape = (max(1, round(he_h * scale)), max(1, round(he_w * scale)))
-    tissue_he, positive_he = warp_to_he(
-        list(ihc_maps), he_to_ihc, shape, he_mpp, ihc_mpp, cfg.label_mpp
-    )
+    """Label H&E tiles (level-0 x, y, w, h rows) from IHC maps: the maps are warped once into
+    the H&E window covering all tiles, then each tile is two box sums."""
     xywh = np.asarray(tiles_xywh, dtype=np.float64).reshape(-1, 4)
-    boxes = np.rint(
-        np.stack([xywh[:, 0], xywh[:, 1], xywh[:, 0] + xywh[:, 2], xywh[:, 1] + xywh[:, 3]], axis=1)
-        * scale
-    ).astype(np.int64)
+    if not len(xywh):
+        return MarkerLabels(np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
+    scale = he_mpp / cfg.label_mpp  # label px per H&E level-0 px
+    corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes = np.rint(corners * scale).astype(np.int64)
+    wx, wy = boxes[:, :2].min(axis=0)
+    boxes -= np.array([wx, wy, wx, wy])
+    window = (int(wx), int(wy), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
+    tissue_he, positive_he = warp_to_he(maps, he_to_ihc, window, he_mpp, cfg.label_mpp)
     area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1)
     tissue_sum = box_sums(tissue_he, boxes)
     positive_sum = box_sums(positive_he, boxes)
@@ -194,21 +239,27 @@ def measure_tiles(
 
 def label_slide(
     tiles_xywh: np.ndarray,
-    he_size: tuple[int, int],
     he_mpp: float,
     ihc_path: str | Path,
     he_to_ihc: PointMap,
     cfg: LabelConfig,
 ) -> MarkerLabels:
-    """Read one IHC slide once and label every H&E tile from it."""
+    """Label every H&E tile from one IHC slide, reading the IHC under the tiles once."""
     from histocsc.wsi.slide import open_slide
 
+    if not len(tiles_xywh):
+        return MarkerLabels(np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
     with open_slide(ihc_path) as slide:
-        maps = read_stain_maps(slide, cfg)
-        ihc_mpp = slide.mpp
-    if not maps[0].any():
-        raise LabelError(f"{ihc_path}: no tissue found in the IHC slide at {cfg.label_mpp} µm/px")
-    return measure_tiles(tiles_xywh, he_size, he_mpp, maps, ihc_mpp, he_to_ihc, cfg)
+        margin = 4 * cfg.label_mpp / slide.mpp
+        region = footprint_region(tiles_xywh, he_to_ihc, slide.dimensions, margin)
+        if region is None:
+            raise LabelError(f"{ihc_path}: the H&E tiles map outside the IHC slide")
+        maps = read_stain_maps(slide, cfg, region)
+    if not maps.tissue.any():
+        raise LabelError(
+            f"{ihc_path}: no tissue found under the H&E tiles at {cfg.label_mpp} µm/px"
+        )
+    return measure_tiles(tiles_xywh, he_mpp, maps, he_to_ihc, cfg)
 
 
 LABEL_COLOURS = {1: (220, 30, 30), 0: (30, 180, 60), -1: (150, 150, 150)}

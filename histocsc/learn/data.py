@@ -38,6 +38,7 @@ class DataConfig(StrictModel):
     val_fraction: float = Field(0.2, ge=0, lt=1)  # for cases without a split in cohort.csv
     test_fraction: float = Field(0.2, ge=0, lt=1)
     min_tissue_fraction: float = Field(0.0, ge=0, le=1)
+    skip_failed_qc: bool = True  # ignore markers (or cases) whose qc.json registration failed
     max_tiles_per_case: int | None = Field(None, ge=1)  # seeded subsample, for quick runs
     balance: Literal["pos_weight", "sampler", "none"] = "pos_weight"
     max_pos_weight: float = Field(100.0, gt=0)
@@ -96,36 +97,36 @@ def _read_labels(path: Path, markers: list[str]) -> tuple[dict[str, np.ndarray],
     return out, n
 
 
-def _qc_failed(case_dir: Path, markers: list[str]) -> tuple[bool, set[str]]:
-    """(whole case flagged, markers flagged) from qc.json files whose registration_ok is false."""
-    case_bad = False
-    bad: set[str] = set()
-    for qc_path in [
-        case_dir / "qc.json",
-        *(case_dir / "register" / m / "qc.json" for m in markers),
-    ]:
-        if not qc_path.is_file():
-            continue
-        try:
-            qc = json.loads(qc_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{qc_path}: not valid JSON ({exc})") from exc
-        marker = qc_path.parent.name if qc_path.parent.parent.name == "register" else None
-        if isinstance(qc, dict) and qc.get("registration_ok") is False:
-            if marker is None:
-                case_bad = True
-            else:
-                bad.add(marker)
-        per = qc.get("markers", {}) if isinstance(qc, dict) else {}
-        for m, entry in per.items() if isinstance(per, dict) else []:
-            if isinstance(entry, dict) and entry.get("registration_ok") is False and m in markers:
-                bad.add(m)
-    return case_bad, bad
+def qc_flags(case_dir: Path, markers: list[str]) -> tuple[bool, set[str]]:
+    """(skip the whole case, markers whose labels to ignore) from the case's qc.json.
+
+    A qc.json listing per-marker results flags only the markers whose registration_ok is
+    false (the case is skipped when that is all of them); one without per-marker results
+    and registration_ok false flags the whole case. No qc.json: nothing flagged.
+    """
+    path = case_dir / "qc.json"
+    if not path.is_file():
+        return False, set()
+    try:
+        qc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(qc, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    per = qc.get("markers")
+    if isinstance(per, dict) and per:
+        bad = {
+            m
+            for m in markers
+            if isinstance(per.get(m), dict) and per[m].get("registration_ok") is False
+        }
+        return len(bad) == len(markers), bad
+    return qc.get("registration_ok") is False, set()
 
 
 def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> CaseTiles | None:
     """Read one case's labels and grid metadata; None when QC flags the whole case."""
-    case_bad, bad_markers = _qc_failed(folder, markers)
+    case_bad, bad_markers = qc_flags(folder, markers) if cfg.skip_failed_qc else (False, set())
     if case_bad:
         return None
     cols, n = _read_labels(folder / "labels.csv", markers)
@@ -143,7 +144,7 @@ def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> C
     for j, m in enumerate(markers):
         if m in bad_markers:
             labels[:, j] = -1
-            notes.append(f"{m}: registration QC failed, labels ignored")
+            notes.append(f"{m}: registration QC failed (qc.json), labels ignored")
     keep = (cols["tissue_fraction"] >= cfg.min_tissue_fraction) & (labels >= 0).any(axis=1)
     rows = np.flatnonzero(keep)
     if cfg.max_tiles_per_case is not None and len(rows) > cfg.max_tiles_per_case:

@@ -82,6 +82,7 @@ class TrainerConfig(StrictModel):
     accumulate_grad_batches: int = Field(1, ge=1)
     gradient_clip_val: float | None = None
     deterministic: bool = False
+    benchmark: bool = True  # cuDNN autotuning (tiles have one size)
     progress_bar: bool = True
 
 
@@ -313,6 +314,7 @@ def train(
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         deterministic=t.deterministic,
+        benchmark=t.benchmark and not t.deterministic,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
     )

@@ -83,7 +83,7 @@ def write_outputs(
     grid = score_grid(tiles, probs)
     with atomic_path(out_dir / SCORE_GRID) as tmp, tmp.open("wb") as f:
         np.save(f, grid)
-    write_json(out_dir / SCORE_GRID_JSON, grid_geometry(tiles, markers))
+    write_json(out_dir / SCORE_GRID_JSON, grid_geometry(tiles, markers, thresholds))
     write_scores_csv(out_dir / SCORES_CSV, tiles, probs, markers)
     write_geojson(out_dir / GEOJSON, tiles, probs, markers, thresholds)
     files = [SCORE_GRID, SCORE_GRID_JSON, SCORES_CSV, GEOJSON]
@@ -102,7 +102,9 @@ def write_outputs(
     return summary
 
 
-def grid_geometry(tiles: Tiles, markers: list[str]) -> dict[str, Any]:
+def grid_geometry(
+    tiles: Tiles, markers: list[str], thresholds: dict[str, float]
+) -> dict[str, Any]:
     """The JSON sidecar of the score grid: how a cell maps to level-0 pixels."""
     rows, cols = tiles.shape
     return {
@@ -110,6 +112,7 @@ def grid_geometry(tiles: Tiles, markers: list[str]) -> dict[str, Any]:
         "shape": [rows, cols, len(markers)],
         "axes": ["row", "col", "marker"],
         "markers": markers,
+        "thresholds": thresholds,
         "missing": "NaN (no tissue tile at this cell)",
         "cell_to_level0": "x = col * step_px, y = row * step_px; the tile is tile_size_px wide",
         "origin_px": [0, 0],

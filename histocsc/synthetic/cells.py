@@ -35,9 +35,9 @@ class Kind:
 
 KINDS = {
     # Stem-like: crowded, large, round, hyperchromatic nuclei; thin rim of cytoplasm (high N:C).
-    STEM: Kind(11.5, 0.95, (4.4, 5.8), (0.78, 1.0), (1.15, 1.55), (1.25, 1.4)),
+    STEM: Kind(11.5, 0.95, (3.9, 5.2), (0.75, 1.0), (0.9, 1.25), (1.3, 1.5)),
     # Ordinary tumour cells: smaller oval vesicular nuclei, ample cytoplasm.
-    TUMOUR: Kind(12.5, 0.92, (3.3, 4.4), (0.6, 0.85), (0.75, 1.05), (2.0, 2.5)),
+    TUMOUR: Kind(10.0, 0.95, (3.2, 4.3), (0.5, 0.8), (1.0, 1.45), (1.7, 2.1)),
     # Lymphocytes: dense, small, round, very dark (the "dark and crowded" distractor).
     LYMPH: Kind(6.3, 0.88, (2.3, 3.0), (0.85, 1.0), (1.5, 1.9), (0.0, 0.0)),
     # Stromal fibroblasts: sparse, thin, elongated along the fibres.

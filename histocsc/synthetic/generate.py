@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ def make_case(
     mpp: float = 0.5,
     markers: Sequence[str] = DEFAULT_MARKERS,
     advance: Advance | None = None,
+    workers: int = 3,
 ) -> Path:
     """Write one case into `out_dir/case/`; returns the folder. Same seed, same bytes."""
     markers = tuple(markers)
@@ -68,8 +70,9 @@ def make_case(
     layout_seed, *section_seeds = ss.generate_state(2 + 2 * len(markers), dtype=np.uint32)
     rng = np.random.default_rng(int(layout_seed))
     layout = make_layout(rng, size_px, size_px, mpp, markers)
+    layout.sample(np.zeros(1, np.float32), np.zeros(1, np.float32))  # build caches before threads
     he_name = f"{case}_HE.tiff"
-    _write_slide(case_dir / he_name, layout, Section("he", int(section_seeds[0])), advance)
+    jobs = [(case_dir / he_name, Section("he", int(section_seeds[0])))]
     truth: dict[str, Any] = {
         "format": "histocsc-phantom/1",
         "case": case,
@@ -93,8 +96,7 @@ def make_case(
         trng = np.random.default_rng(int(section_seeds[1 + len(markers) + k]))
         tf = random_transform(trng, centre, centre, mpp)
         name = f"{case}_{marker}.tiff"
-        section = Section("ihc", int(section_seeds[1 + k]), marker, tf)
-        _write_slide(case_dir / name, layout, section, advance)
+        jobs.append((case_dir / name, Section("ihc", int(section_seeds[1 + k]), marker, tf)))
         mask_name = f"mask_{marker}.png"
         _write_mask(case_dir / mask_name, layout.mask(marker))
         pts, kinds = landmark_points(layout, trng)
@@ -106,6 +108,11 @@ def make_case(
             "landmarks": np.concatenate([pts, tf.forward(pts)], 1).round(3).tolist(),
             "landmark_features": kinds,
         }
+    # Slides render in threads: OpenCV and large numpy operations release the GIL.
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+        done = [pool.submit(_write_slide, path, layout, sec, advance) for path, sec in jobs]
+        for fut in done:
+            fut.result()
     write_json(case_dir / TRUTH_NAME, truth)
     return case_dir
 

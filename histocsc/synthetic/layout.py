@@ -22,8 +22,8 @@ BREADTH = {"CD133": 0.0, "CD44": 0.3}
 DEFAULT_BREADTH = 0.15
 STEM_RADIUS_UM = (110.0, 260.0)
 LYMPH_RADIUS_UM = (80.0, 200.0)
-STEM_PER_MM2 = 0.9
-LYMPH_PER_MM2 = 0.5
+STEM_PER_MM2 = 1.3
+LYMPH_PER_MM2 = 0.6
 VESSELS_PER_MM2 = 3.0
 
 
@@ -138,6 +138,13 @@ def _blob(gx: np.ndarray, gy: np.ndarray, cx: float, cy: float, rx: float, ry: f
     return (1.0 - d / np.maximum(r, 0.3)).astype(np.float32)
 
 
+def _window(shape: tuple[int, int], ds: int, cx: float, cy: float, r: float) -> tuple:
+    """Slices of the coarse grid within `r` px of (cx, cy)."""
+    i0, i1 = max(0, int((cy - r) // ds)), min(shape[0], int((cy + r) // ds) + 2)
+    j0, j1 = max(0, int((cx - r) // ds)), min(shape[1], int((cx + r) // ds) + 2)
+    return slice(i0, i1), slice(j0, j1)
+
+
 def _band(gx: np.ndarray, gy: np.ndarray, p0: np.ndarray, p1: np.ndarray, bend: float,
           half_width: float) -> np.ndarray:
     """half_width - distance to a gently curved segment p0 -> p1 (positive inside)."""
@@ -191,21 +198,19 @@ def make_layout(
 
     # Tissue pieces inside a central disc, so any rotation keeps them on the IHC slide too.
     cx0, cy0 = width / 2, height / 2
-    disc = 0.40 * min(width, height)
+    disc = 0.42 * min(width, height)
     n_pieces = int(rng.integers(2, 5))
     pieces = []
-    for _ in range(200):
-        if len(pieces) >= n_pieces:
-            break
-        r = disc * rng.uniform(0.45, 0.75) / np.sqrt(n_pieces) * 1.3
-        ang, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0, max(disc - r * 1.2, 0))
-        px, py = cx0 + dist * np.cos(ang), cy0 + dist * np.sin(ang)
-        if all(np.hypot(px - q[0], py - q[1]) > 0.8 * (r + q[2]) for q in pieces):
-            pieces.append((px, py, r))
     tissue = np.full((gh, gw), -1.0, np.float32)
-    for px, py, r in pieces:
-        aspect = rng.uniform(0.6, 1.0)
-        blob = _blob(gx, gy, px, py, r, r * aspect, rng.uniform(0, np.pi), rng, 0.5)
+    phase = rng.uniform(0, 2 * np.pi)
+    for i in range(n_pieces):  # spread around the centre, long axis along the circle
+        r = disc * rng.uniform(0.65, 0.85) * 0.95 / np.sqrt(n_pieces)
+        ang = phase + 2 * np.pi * (i + rng.uniform(-0.12, 0.12)) / n_pieces
+        dist = disc - r
+        px, py = cx0 + dist * np.cos(ang), cy0 + dist * np.sin(ang)
+        pieces.append((px, py, r))
+        blob = _blob(gx, gy, px, py, r * rng.uniform(0.75, 1.0), r * rng.uniform(0.75, 1.0),
+                     ang + np.pi / 2, rng, 0.45)
         tissue = np.maximum(tissue, blob)
     tissue += 0.12 * smooth_field(rng, (gh, gw), 300 / cell_um)
     tissue += 0.04 * smooth_field(rng, (gh, gw), 60 / cell_um)
@@ -227,19 +232,22 @@ def make_layout(
     ragged = 0.12 * smooth_field(rng, (gh, gw), 50 / cell_um)
     stem = np.full((gh, gw), -1.0, np.float32)
     marker_fields = {m: np.full((gh, gw), -1.0, np.float32) for m in markers}
-    for reg in stem_regions:
-        blob = _blob(gx, gy, reg.x, reg.y, reg.radius, reg.radius * rng.uniform(0.7, 1.0),
-                     rng.uniform(0, np.pi), rng, 0.35) + ragged
-        stem = np.maximum(stem, blob)
-        reg.markers = _marker_flags(rng, markers)
+    for i, reg in enumerate(stem_regions):
+        win = _window((gh, gw), ds, reg.x, reg.y, 2.5 * reg.radius)
+        blob = _blob(gx[win], gy[win], reg.x, reg.y, reg.radius,
+                     reg.radius * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi), rng, 0.35)
+        blob += ragged[win]
+        stem[win] = np.maximum(stem[win], blob)
+        reg.markers = _marker_flags(rng, markers, i)
         for m in reg.markers:
             breadth = BREADTH.get(m, DEFAULT_BREADTH)
-            marker_fields[m] = np.maximum(marker_fields[m], blob + breadth)
+            marker_fields[m][win] = np.maximum(marker_fields[m][win], blob + breadth)
     lymph = np.full((gh, gw), -1.0, np.float32)
     for reg in lymph_regions:
-        blob = _blob(gx, gy, reg.x, reg.y, reg.radius, reg.radius * rng.uniform(0.6, 1.0),
-                     rng.uniform(0, np.pi), rng, 0.4) + ragged
-        lymph = np.maximum(lymph, blob)
+        win = _window((gh, gw), ds, reg.x, reg.y, 2.5 * reg.radius)
+        blob = _blob(gx[win], gy[win], reg.x, reg.y, reg.radius,
+                     reg.radius * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi), rng, 0.4)
+        lymph[win] = np.maximum(lymph[win], blob + ragged[win])
     nest = np.where(stem > -0.15, np.maximum(nest, 0.5), nest)
     nest = np.where(lymph > -0.2, np.minimum(nest, -0.3), nest)
 
@@ -301,14 +309,15 @@ def make_layout(
     )
 
 
-def _marker_flags(rng: np.random.Generator, markers: tuple[str, ...]) -> tuple[str, ...]:
-    """Which markers a stem-like region expresses: mostly all, some only one (never none)."""
+def _marker_flags(rng: np.random.Generator, markers: tuple[str, ...], i: int) -> tuple[str, ...]:
+    """Markers a stem-like region expresses: the first all, the second only the broadest one,
+    then mostly all (65 %), the broadest alone (20 %) or one at random (15 %); never none."""
+    roll = rng.random()
     if len(markers) <= 1:
         return tuple(markers)
-    roll = rng.random()
-    if roll < 0.6:
+    broad = max(markers, key=lambda m: BREADTH.get(m, DEFAULT_BREADTH))
+    if i == 0 or (i > 1 and roll < 0.65):
         return tuple(markers)
-    if roll < 0.85:  # the broad marker (CD44) alone
-        broad = max(markers, key=lambda m: BREADTH.get(m, DEFAULT_BREADTH))
+    if i == 1 or roll < 0.85:
         return (broad,)
     return (markers[int(rng.integers(len(markers)))],)

@@ -36,7 +36,7 @@ from histocsc.synthetic.layout import Layout
 from histocsc.synthetic.noise import fractal_noise, hash01, lattice_noise, smooth_field
 from histocsc.synthetic.transform import SectionTransform
 
-NOISE_TILE = 1024  # period of the per-pixel noise pattern
+NOISE_TILE = 1024  # period of the per-pixel noise pattern (blocks must be smaller)
 PAD = 4  # px rendered around a block so blurs do not see its edge
 SHIFT = 4  # sub-pixel bits for cv2 drawing
 NUC_SCALE = 2.2  # nucleus layer value 255 means this hematoxylin OD
@@ -46,7 +46,7 @@ HEMATOXYLIN = np.array([0.60, 0.78, 0.30], np.float32)  # H&E (Harris, purple-bl
 EOSIN = np.array([0.09, 0.88, 0.42], np.float32)
 RED_CELL = np.array([0.05, 1.0, 0.75], np.float32)
 IHC_HEMATOXYLIN = np.array([0.70, 0.62, 0.30], np.float32)  # Mayer's, bluer
-DAB = np.array([0.27, 0.57, 0.78], np.float32)
+DAB = np.array([0.22, 0.50, 0.84], np.float32)
 PEN = np.array([0.85, 0.25, 0.65], np.float32)  # green marker ink
 
 
@@ -83,10 +83,11 @@ class SectionRenderer:
         self.a = t.matrix[:, :2] if t is not None else np.eye(2)
         rng = np.random.default_rng([section.seed, 99])
         gh, gw = layout.fields["tissue"].shape
-        self._glass = (1.0 + 0.08 * smooth_field(rng, (gh, gw), 500 * layout.mpp / layout.ds)
-                       ).astype(np.float32)
+        shade = 1.0 + 0.08 * smooth_field(rng, (gh, gw), 500 * layout.mpp / layout.ds)
+        self._glass = (255.0 * np.exp(-shade[..., None] * GLASS_OD)).astype(np.float32)
         iy, ix = np.mgrid[0:NOISE_TILE, 0:NOISE_TILE]
-        self._noise = (2.2 * (hash01(ix, iy, section.seed + 3) - 0.5)).astype(np.float32)
+        noise = (2.2 * (hash01(ix, iy, section.seed + 3) - 0.5)).astype(np.float32)
+        self._noise = np.pad(noise, ((0, NOISE_TILE), (0, NOISE_TILE)), mode="wrap")
         n = int(rng.integers(4, 10))
         um = 1.0 / layout.mpp
         self._ihc_dust = np.stack([rng.uniform(0, layout.width, n),
@@ -122,9 +123,10 @@ class SectionRenderer:
         # Slide-plane coordinates of this section's pixels (for glass and its own artefacts).
         px, py = np.meshgrid(np.arange(X0, X0 + W, dtype=np.float32) + 0.5,
                              np.arange(Y0, Y0 + H, dtype=np.float32) + 0.5)
-        shade = lay.sample_one(self._glass, px, py)
-        od = shade[..., None] * GLASS_OD
+        rgb = lay.sample_one(self._glass, px, py)
+        od = None
         if not self._blank(X0, Y0, W, H):
+            od = np.zeros((H, W, 3), np.float32)
             if sec.transform is None:
                 u, v = px, py
             else:
@@ -135,16 +137,13 @@ class SectionRenderer:
                 od += self._tissue(f, u, v, X0, Y0, W, H, tissue)
             if sec.kind == "he":
                 od = self._pen(od, f, px, py)
-        if sec.kind == "he":
-            od = self._specks(od, px, py, lay.dust, lay.bubbles)
-        else:
-            od = self._specks(od, px, py, self._ihc_dust, np.zeros((0, 3)))
-        rgb = np.exp(-od)
-        rgb *= np.float32(255.0)
-        noise = self._noise[np.ix_(np.arange(Y0, Y0 + H) % NOISE_TILE,
-                                   np.arange(X0, X0 + W) % NOISE_TILE)]
-        rgb += noise[..., None]
-        rgb = np.clip(rgb + np.float32(0.5), 0, 255).astype(np.uint8)
+        dust, bubbles = (lay.dust, lay.bubbles) if sec.kind == "he" else (self._ihc_dust, ())
+        od = self._specks(od, px, py, dust, bubbles)
+        if od is not None:
+            rgb *= np.exp(-od)
+        ny, nx = Y0 % NOISE_TILE, X0 % NOISE_TILE
+        rgb += self._noise[ny : ny + H, nx : nx + W, None]
+        rgb = cv2.convertScaleAbs(rgb)  # rounds and saturates to uint8
         return rgb[PAD : PAD + h, PAD : PAD + w]
 
     def _blank(self, X0: int, Y0: int, W: int, H: int) -> bool:
@@ -201,17 +200,17 @@ class SectionRenderer:
         if he:
             e = (1 - nest) * stroma_e + nest * (0.16 + 0.08 * fine)
             e = e * (1 - 0.55 * lymph) + 0.06 * lymph
-            e += cyto * (0.5 + 0.15 * coarse) + 0.55 * wall + 0.3 * nuc_mask
-            hx = 0.03 + 0.04 * nest + 0.06 * cyto + nuc_od + 0.05 * lymph
+            e += cyto * (0.5 + 0.15 * coarse) + 0.55 * wall + 0.2 * nuc_mask
+            hx = 0.03 + 0.04 * nest + (0.04 + 0.2 * coarse) * cyto + nuc_od + 0.05 * lymph
             fold = np.clip(f[..., lay.channel("fold")] / (3 * um), 0, 1)
             gain = 1.0 + 0.75 * fold
             out = (hx * gain)[..., None] * self.v_h + (e * gain)[..., None] * self.v_e
             out += (rbc * 1.1)[..., None] * _unit(RED_CELL)
         else:
-            hx = 0.07 + 0.12 * (1 - nest) * fib + 0.07 * cyto + 0.45 * nuc_od + 0.08 * wall
+            hx = 0.07 + 0.12 * (1 - nest) * fib + 0.07 * cyto + 0.5 * nuc_od + 0.08 * wall
             dab = 0.04 + 0.05 * coarse + 0.02 * nest  # weak non-specific background
-            dab = dab + memb * (0.75 + 0.5 * coarse)
-            dab *= 1.0 - 0.5 * nuc_mask
+            dab = dab + memb * (1.1 + 0.6 * coarse)
+            dab *= 1.0 - 0.6 * nuc_mask
             dab += 0.2 * rbc
             out = hx[..., None] * self.v_hi + dab[..., None] * self.v_d
         return out * alpha[..., None]
@@ -252,7 +251,7 @@ class SectionRenderer:
         kinds = cells[:, KIND].astype(int)
         order = np.argsort(kinds == LYMPH, kind="stable")  # lymphocytes over the rest
         aa = cv2.LINE_AA
-        memb_t = max(1, int(round(1.2 * um)))
+        memb_t = max(1, int(round(1.5 * um)))
         for i in order:
             k = kinds[i]
             c = (int(cx[i]), int(cy[i]))
@@ -266,10 +265,10 @@ class SectionRenderer:
                 axes = (int(rx[i] * f * sc), int(ry[i] * (0.5 + 0.5 * f) * sc))
                 cv2.ellipse(cyto, c, axes, a, 0, 360, 200 + int(55 * cells[i, RAND]), -1, aa,
                             SHIFT)
-                cv2.ellipse(cyto, c, axes, a, 0, 360, 120, 1, aa, SHIFT)
+                cv2.ellipse(cyto, c, axes, a, 0, 360, 170, 1, aa, SHIFT)
                 if pos[i] > 0:
                     val = int(255 * pos[i])
-                    cv2.ellipse(memb, c, axes, a, 0, 360, int(val * 0.45), -1, aa, SHIFT)
+                    cv2.ellipse(memb, c, axes, a, 0, 360, int(val * 0.55), -1, aa, SHIFT)
                     cv2.ellipse(memb, c, axes, a, 0, 360, val, memb_t, aa, SHIFT)
         for i in order:
             k = kinds[i]
@@ -304,20 +303,26 @@ class SectionRenderer:
         return od
 
     @staticmethod
-    def _specks(od: np.ndarray, px: np.ndarray, py: np.ndarray, dust: np.ndarray,
-                bubbles: np.ndarray) -> np.ndarray:
+    def _specks(od: np.ndarray | None, px: np.ndarray, py: np.ndarray, dust: np.ndarray,
+                bubbles: np.ndarray) -> np.ndarray | None:
+        """Dust specks and air-bubble rims (on the slide plane, over everything)."""
         x0, x1, y0, y1 = px[0, 0], px[0, -1], py[0, 0], py[-1, 0]
         for cx, cy, r in dust:
             if cx + r < x0 or cx - r > x1 or cy + r < y0 or cy - r > y1:
                 continue
             d = np.hypot(px - cx, py - cy) / r
+            if od is None:
+                od = np.zeros(px.shape + (3,), np.float32)
             od += (np.clip(1.2 - d, 0, 1) * 1.4)[..., None]
         for cx, cy, r in bubbles:
-            if cx + r + 8 < x0 or cx - r - 8 > x1 or cy + r + 8 < y0 or cy - r - 8 > y1:
+            if cx + r + 12 < x0 or cx - r - 12 > x1 or cy + r + 12 < y0 or cy - r - 12 > y1:
                 continue
             d = np.hypot(px - cx, py - cy)
-            rim = np.exp(-(((d - r) / 3.0) ** 2)) * 0.55 + np.exp(-(((d - r + 7) / 2.0) ** 2))* 0.2
+            if od is None:
+                od = np.zeros(px.shape + (3,), np.float32)
+            rim = np.exp(-(((d - r) / 3.0) ** 2)) * 0.55 + np.exp(-(((d - r + 7) / 2.0) ** 2)) * 0.2
             inside = (d < r).astype(np.float32)
             od *= (1.0 - 0.25 * inside)[..., None]
+            od -= (0.012 * inside)[..., None]  # a bubble looks a little brighter than the glass
             od += rim[..., None]
         return od

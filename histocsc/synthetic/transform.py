@@ -41,14 +41,18 @@ class SectionTransform:
         pts = np.asarray(pts, np.float64).reshape(-1, 2)
         return pts @ self.matrix[:, :2].T + self.matrix[:, 2] + self.warp(pts)
 
-    def inverse(self, pts: np.ndarray, iterations: int = 12) -> np.ndarray:
-        """Map IHC points (N, 2) back to H&E points (error well under 1e-3 px)."""
+    def inverse(self, pts: np.ndarray, tol: float = 1e-5, max_iter: int = 30) -> np.ndarray:
+        """Map IHC points (N, 2) back to H&E points (to within `tol` px)."""
         pts = np.asarray(pts, np.float64).reshape(-1, 2)
         a_inv = np.linalg.inv(self.matrix[:, :2])
         base = pts - self.matrix[:, 2]
         q = base @ a_inv.T
-        for _ in range(iterations):
-            q = (base - self.warp(q)) @ a_inv.T
+        for _ in range(max_iter):
+            nxt = (base - self.warp(q)) @ a_inv.T
+            step = float(np.abs(nxt - q).max()) if len(q) else 0.0
+            q = nxt
+            if step < tol:
+                break
         return q
 
     def inverse_maps(

@@ -16,8 +16,10 @@ parameters and slide checksum match the current run.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import dataclasses
 import math
 import multiprocessing
@@ -30,6 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 import openslide
+import openslide.lowlevel
 from PIL import Image
 
 from histocsc.errors import DataError, HistocscError, SlideError
@@ -49,10 +52,6 @@ SLIDE_SUFFIXES = {
     ".mrxs",
     ".svslide",
     ".bif",
-    ".dcm",
-    ".png",
-    ".jpg",
-    ".jpeg",
 }
 TILES_NPY = "tiles.npy"
 MASK_PNG = "mask.png"
@@ -85,7 +84,8 @@ class SlideResult:
 
 
 def find_slides(inputs: list[Path]) -> list[Path]:
-    """Expand folders into the slide files directly inside them (sorted); keep files as given."""
+    """Expand folders into the whole-slide files directly inside them (sorted, by suffix: plain
+    PNG/JPEG images are tiled only when named one by one); keep files as given."""
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
@@ -204,12 +204,79 @@ def finish_slide(task: SlideTask, grid: TileGrid, tmp_tiles: Path | None) -> Non
 
 
 # -- tile pixels ---------------------------------------------------------------------------------
+class TiffLevel0:
+    """Level 0 of a tiled TIFF slide (Aperio SVS or generic pyramidal TIFF) read by decoding its
+    tiles directly (tifffile + imagecodecs: JPEG, JPEG 2000, ...) into RGB, with a cache of
+    decoded tiles that holds two rows of the slide. This is the same decoding OpenSlide does for
+    these formats (the pixels are identical), minus its ARGB compositing and copies."""
+
+    FORMATS = {"aperio", "generic-tiff"}
+
+    def __init__(self, path: Path, width: int, height: int) -> None:
+        import tifffile
+
+        self._tif = tifffile.TiffFile(str(path))
+        page = self._tif.pages[0]
+        ok = (
+            page.is_tiled
+            and page.shape[:2] == (height, width)
+            and page.ndim == 3
+            and page.shape[2] == 3
+            and page.dtype == np.uint8
+            and page.planarconfig == 1
+            and page.tiledepth == 1
+        )
+        if not ok:
+            self._tif.close()
+            raise ValueError("level 0 is not a tiled 8-bit RGB page")
+        self._page, self._decode = page, page.decode
+        self._fd = self._tif.filehandle.fileno()
+        self.tw, self.th = page.tilewidth, page.tilelength
+        self.cols = -(-width // self.tw)
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._capacity = min(2048, 2 * self.cols + 8)
+        self._tile(0)  # fail here, not mid-run, if the codec is unsupported
+
+    def _tile(self, index: int) -> np.ndarray:
+        tile = self._cache.get(index)
+        if tile is not None:
+            self._cache.move_to_end(index)
+            return tile
+        count = self._page.databytecounts[index]
+        if count == 0:  # a tile the scanner never wrote: white, as OpenSlide composites it
+            tile = np.full((self.th, self.tw, 3), 255, np.uint8)
+        else:
+            data = os.pread(self._fd, count, self._page.dataoffsets[index])
+            tile = self._decode(data, index, jpegtables=self._page.jpegtables)[0]
+            tile = tile.reshape(self.th, self.tw, 3)
+        self._cache[index] = tile
+        if len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+        return tile
+
+    def read(self, x: int, y: int, w: int, h: int, out: np.ndarray) -> np.ndarray:
+        """RGB pixels of the level-0 region (x, y, w, h), written into `out` (h, w, 3)."""
+        tw, th = self.tw, self.th
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self._tile(ty * self.cols + tx)
+                x0, y0 = max(x, tx * tw), max(y, ty * th)
+                x1, y1 = min(x + w, (tx + 1) * tw), min(y + h, (ty + 1) * th)
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
+                    y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw
+                ]
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
+
+
 class TileReader:
     """Reads runs of neighbouring tiles of one slide, fast.
 
     When the tiles need no resizing (tile size at level 0 equals tile_px, as when the slide is
-    already at the tile mpp) and OpenSlide reads the file, one `read_region` per run goes
-    straight into the output with OpenCV copies, and a large tile cache keeps each JPEG tile
+    already at the tile mpp) and OpenSlide reads the file, one OpenSlide read per run fills a
+    reused buffer that OpenCV copies out tile by tile, and a large tile cache keeps each JPEG tile
     decoded once while rows of tiles cross it. Otherwise `Slide.read` picks the level and
     resizes with an area filter.
     """
@@ -217,44 +284,101 @@ class TileReader:
     def __init__(self, path: Path, slide_mpp: float | None) -> None:
         self.slide = open_slide(path, mpp=slide_mpp)
         self.osr: openslide.OpenSlide | None = None
-        if openslide.OpenSlide.detect_format(str(path)):
+        self.tiff: TiffLevel0 | None = None
+        fmt = openslide.OpenSlide.detect_format(str(path))
+        if fmt in TiffLevel0.FORMATS:
+            with contextlib.suppress(Exception):  # anything unusual: OpenSlide reads it
+                self.tiff = TiffLevel0(path, *self.slide.dimensions)
+        if fmt and self.tiff is None:
             self.osr = openslide.OpenSlide(str(path))
             self.osr.set_cache(openslide.OpenSlideCache(CACHE_BYTES))
+        self._buf = np.empty(0, np.uint32)
+        self._rgb = np.empty(0, np.uint8)
+        self._tiles = np.empty(0, np.uint8)
 
-    def read_into(self, boxes: np.ndarray, tile_px: int, out: np.ndarray) -> None:
-        """Fill `out[k]` with the tile at `boxes[k]` (level-0 x, y, w, h), resized to tile_px."""
+    def read_runs(self, boxes: np.ndarray, tile_px: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first index, tiles) for runs of neighbouring tiles at `boxes` (level-0
+        x, y, w, h), each tile resized to tile_px; the tiles array is reused between runs."""
         for i, j in _runs(boxes, MAX_RUN):
             x0, y0, size0 = int(boxes[i, 0]), int(boxes[i, 1]), int(boxes[i, 2])
             x1 = int(boxes[j - 1, 0] + boxes[j - 1, 2])
             offsets = boxes[i:j, 0] - x0
-            if self.osr is not None and size0 == tile_px:
-                region = self._read_level0(x0, y0, x1 - x0, size0)
+            if self.tiff is not None and size0 == tile_px:
+                region, code = self._read_tiff(x0, y0, x1 - x0, size0), None
+            elif self.osr is not None and size0 == tile_px:
+                region, code = self._read_level0(x0, y0, x1 - x0, size0), cv2.COLOR_BGRA2RGB
             else:
                 scale = tile_px / size0
                 width = max(tile_px, round((x1 - x0) * scale))
-                region = self.slide.read(x0, y0, x1 - x0, size0, out_size=(width, tile_px))
+                if self.tiff is not None and self._level0_is_best(size0 / tile_px):
+                    region = self._read_tiff(x0, y0, x1 - x0, size0)
+                    region = cv2.resize(region, (width, tile_px), interpolation=cv2.INTER_AREA)
+                else:
+                    region = self.slide.read(x0, y0, x1 - x0, size0, out_size=(width, tile_px))
                 offsets = np.minimum(np.round(offsets * scale).astype(int), width - tile_px)
-            code = cv2.COLOR_RGBA2RGB if region.shape[2] == 4 else None
-            for k, off in zip(range(i, j), offsets, strict=True):
+                code = None
+            tiles = self._tile_buffer(j - i, tile_px)
+            for k, off in enumerate(offsets):
                 tile = region[:, off : off + tile_px]
                 if code is None:
-                    out[k] = tile
+                    tiles[k] = tile
                 else:
-                    cv2.cvtColor(tile, code, dst=out[k])
+                    cv2.cvtColor(tile, code, dst=tiles[k])
+            yield i, tiles
+
+    def _tile_buffer(self, n: int, tile_px: int) -> np.ndarray:
+        if self._tiles.shape[1:] != (tile_px, tile_px, 3) or len(self._tiles) < n:
+            self._tiles = np.empty((max(n, MAX_RUN), tile_px, tile_px, 3), np.uint8)
+        return self._tiles[:n]
+
+    def _level0_is_best(self, downsample: float) -> bool:
+        """True when no pyramid level other than 0 is fine enough for `downsample` (so
+        `Slide.read` would read level 0 too)."""
+        others = self.slide.level_downsamples[1:]
+        return downsample < 1 or all(ds > downsample * (1 + 1e-6) for ds in others)
+
+    def _read_tiff(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        assert self.tiff is not None
+        if self._rgb.size < w * h * 3:
+            self._rgb = np.empty(w * h * 3, np.uint8)
+        out = self._rgb[: w * h * 3].reshape(h, w, 3)
+        try:
+            return self.tiff.read(x, y, w, h, out)
+        except Exception as exc:  # noqa: BLE001 - a corrupt tile is the user's file problem
+            msg = f"{self.slide.path}: cannot decode pixels at x={x} y={y} ({exc})"
+            raise SlideError(msg) from None
 
     def _read_level0(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGBA (alpha 255) or RGB of a level-0 region, read directly with OpenSlide."""
+        """BGRA uint8 (h, w, 4) of a level-0 region, transparent areas made white."""
         assert self.osr is not None
+        if self._buf.size < w * h:
+            self._buf = np.empty(w * h, np.uint32)
+        buf = self._buf[: w * h]
         try:
-            rgba = np.asarray(self.osr.read_region((x, y), 0, (w, h)))
+            _read_region_into(self.osr, buf, x, y, w, h)
         except (openslide.OpenSlideError, OSError) as exc:
-            raise SlideError(
-                f"{self.slide.path}: cannot read pixels at x={x} y={y} ({exc})"
-            ) from None
-        if cv2.extractChannel(rgba, 3).min() == 255:
-            return rgba
-        alpha = rgba[..., 3:].astype(np.float32) / 255.0  # transparent areas become white
-        return np.clip(rgba[..., :3] * alpha + 255.0 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
+            msg = f"{self.slide.path}: cannot read pixels at x={x} y={y} ({exc})"
+            raise SlideError(msg) from None
+        bgra = buf.view(np.uint8).reshape(h, w, 4)  # premultiplied ARGB words, little-endian
+        alpha = cv2.extractChannel(bgra, 3)
+        if alpha.min() < 255:  # on white: premultiplied colour + (255 - alpha)
+            bgra[..., :3] += (255 - alpha)[..., None]
+        return bgra
+
+
+def _read_region_into(osr: openslide.OpenSlide, buf: np.ndarray, x: int, y: int, w: int, h: int):
+    """OpenSlide's level-0 read straight into `buf` (uint32 premultiplied ARGB, w*h), skipping
+    the PIL image; falls back to the public API if openslide-python's internals change."""
+    try:
+        llread, handle = openslide.lowlevel._read_region, osr._osr  # noqa: SLF001
+    except AttributeError:
+        rgba = np.asarray(osr.read_region((x, y), 0, (w, h)))
+        bgra = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
+        alpha = bgra[..., 3:].astype(np.uint16)  # back to premultiplied, as OpenSlide gives
+        bgra[..., :3] = (bgra[..., :3] * alpha + 127) // 255
+        buf.view(np.uint8).reshape(h, w, 4)[:] = bgra
+        return
+    llread(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, 0, w, h)
 
 
 _READERS: dict[tuple[str, float | None], TileReader] = {}
@@ -294,12 +418,25 @@ def read_chunk(
     boxes: np.ndarray,
     tile_px: int,
 ) -> int:
-    """Worker job: read tiles `start .. start+len(boxes)` of a slide into its tile store."""
-    store = np.load(store_path, mmap_mode="r+")
-    _reader(path, slide_mpp).read_into(boxes, tile_px, store[start : start + len(boxes)])
-    store.flush()
-    del store
+    """Worker job: read tiles `start .. start+len(boxes)` of a slide into its tile store.
+
+    Runs are written with pwrite at their place in the `.npy` (faster than faulting in the
+    pages of a fresh memory map)."""
+    header = np.load(store_path, mmap_mode="r").offset
+    tile_bytes = tile_px * tile_px * 3
+    fd = os.open(store_path, os.O_WRONLY)
+    try:
+        for i, tiles in _reader(path, slide_mpp).read_runs(boxes, tile_px):
+            _pwrite_all(fd, memoryview(tiles).cast("B"), header + (start + i) * tile_bytes)
+    finally:
+        os.close(fd)
     return len(boxes)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def chunk_ranges(boxes: np.ndarray, target: int) -> list[tuple[int, int]]:
@@ -336,9 +473,11 @@ def _unordered(
     if pool is None:
         for key, args in jobs.items():
             try:
-                yield key, fn(*args), None
-            except HistocscError as exc:
+                result = fn(*args)
+            except Exception as exc:  # noqa: BLE001 - reported per slide, as from a pool
                 yield key, None, exc
+            else:
+                yield key, result, None
         return
     futures = {pool.submit(fn, *args): key for key, args in jobs.items()}
     try:

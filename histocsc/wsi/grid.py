@@ -11,6 +11,7 @@ of the slide thumbnail, is at least `min_tissue_fraction`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,9 @@ class TileGrid:
         if header != ",".join(COLUMNS):
             raise DataError(f"{csv_path}: expected header {','.join(COLUMNS)!r}, got {header!r}")
         try:
-            data = np.loadtxt(csv_path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a grid with no tiles is valid
+                data = np.loadtxt(csv_path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
         except ValueError as exc:
             raise DataError(f"{csv_path}: malformed row ({exc})") from None
         data = data.reshape(-1, len(COLUMNS))
@@ -165,19 +168,33 @@ def tile_positions(width: int, height: int, size0: int, stride0: int) -> np.ndar
 
 
 def mask_fractions(mask: np.ndarray, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Fraction of each level-0 box (x, y, w, h) covered by `mask` (a whole-slide mask)."""
+    """Exact area fraction of each level-0 box (x, y, w, h) covered by `mask`, a whole-slide mask
+    at any resolution (pixels partly inside a box count by the part inside)."""
     if len(boxes) == 0:
         return np.zeros(0, np.float32)
     mh, mw = mask.shape
-    sx, sy = mw / width, mh / height
     integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_64F)
-    x0 = np.clip(np.floor(boxes[:, 0] * sx + 0.5), 0, mw - 1).astype(np.int64)
-    y0 = np.clip(np.floor(boxes[:, 1] * sy + 0.5), 0, mh - 1).astype(np.int64)
-    x1 = np.clip(np.floor((boxes[:, 0] + boxes[:, 2]) * sx + 0.5), x0 + 1, mw).astype(np.int64)
-    y1 = np.clip(np.floor((boxes[:, 1] + boxes[:, 3]) * sy + 0.5), y0 + 1, mh).astype(np.int64)
-    area = (x1 - x0) * (y1 - y0)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return (inside / area).astype(np.float32)
+    u0 = np.clip(boxes[:, 0] * (mw / width), 0, mw)
+    v0 = np.clip(boxes[:, 1] * (mh / height), 0, mh)
+    u1 = np.clip((boxes[:, 0] + boxes[:, 2]) * (mw / width), 0, mw)
+    v1 = np.clip((boxes[:, 1] + boxes[:, 3]) * (mh / height), 0, mh)
+    inside = (
+        _area(integral, u1, v1) - _area(integral, u0, v1) - _area(integral, u1, v0)
+        + _area(integral, u0, v0)
+    )  # fmt: skip
+    area = np.maximum((u1 - u0) * (v1 - v0), 1e-12)
+    return np.clip(inside / area, 0, 1).astype(np.float32)
+
+
+def _area(integral: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Mask area in [0, u) x [0, v): the integral image is bilinear inside each pixel."""
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
+    i = np.minimum(np.floor(u).astype(np.int64), w - 1)
+    j = np.minimum(np.floor(v).astype(np.int64), h - 1)
+    fu, fv = u - i, v - j
+    top = integral[j, i] * (1 - fu) + integral[j, i + 1] * fu
+    bottom = integral[j + 1, i] * (1 - fu) + integral[j + 1, i + 1] * fu
+    return top * (1 - fv) + bottom * fv
 
 
 def make_grid(

@@ -28,7 +28,7 @@ class TissueConfig(StrictModel):
         (0.06, 0.15), description="Otsu threshold on HSV saturation (0-1) is clipped to this"
     )
     od_range: tuple[float, float] = Field(
-        (0.08, 0.25), description="Otsu threshold on mean optical density is clipped to this"
+        (0.06, 0.10), description="Otsu threshold on mean optical density is clipped to this"
     )
     min_object_um2: float = Field(5000.0, ge=0, description="smaller tissue pieces are dropped")
     min_hole_um2: float = Field(5000.0, ge=0, description="smaller holes in tissue are filled")
