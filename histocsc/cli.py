@@ -198,7 +198,10 @@ def transform_points_command(
     typer.echo(f"wrote {out} ({len(index)} points, {direction})")
 
 # --- label / prepare commands (labels helper) ---
-ConfigOpt = Annotated[Path | None, typer.Option(help="Stage YAML (default: built-in).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option(help="Stage YAML, as in configs/ (default: built-in).")
+]
+MarkersOpt = Annotated[str | None, typer.Option(help="Comma-separated markers (default: all).")]
 
 
 def _stage_configs(
@@ -230,7 +233,7 @@ def label(
     config: ConfigOpt = None,
     tiles_config: ConfigOpt = None,
     register_config: ConfigOpt = None,
-    markers: Annotated[str | None, typer.Option(help="Comma-separated markers [all].")] = None,
+    markers: MarkersOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 1,
 ) -> None:
     """Per-tile IHC labels (<M>_fraction, <M>_label) into OUT/<case>/labels.csv.
@@ -251,7 +254,7 @@ def prepare(
     tiles_config: ConfigOpt = None,
     register_config: ConfigOpt = None,
     label_config: ConfigOpt = None,
-    markers: Annotated[str | None, typer.Option(help="Comma-separated markers [all].")] = None,
+    markers: MarkersOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 2,
 ) -> None:
     """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary."""
@@ -345,7 +348,7 @@ def infer_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Tiles per batch.")] = 32,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Slide-reading threads [cores].")
+        int | None, typer.Option("--workers", min=1, help="Slide-reading threads (default: one per core).")
     ] = None,
     mpp: Annotated[
         float | None, typer.Option("--mpp", help="Slide pixel size (µm/px) when the file lacks it.")

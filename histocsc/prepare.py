@@ -4,9 +4,11 @@ Per case, in `OUT/<case>/`: the H&E tile grid and store (`grid.csv`, `grid.json`
 `register/<MARKER>/transform.json` (+ overlay), `labels.csv` (grid columns plus
 `<M>_fraction`, `<M>_label`), `label_map_<M>.png`, and `qc.json`, written last, which says
 whether every marker's registration is trustworthy (`registration_ok`). A marker whose
-registration failed or whose error estimate exceeds `max_registration_error_um` keeps its
-fractions for inspection but all its labels are -1, and the case is flagged: training must skip
-cases whose `qc.json` has `registration_ok: false`.
+registration failed, whose aligned tissue overlaps poorly (`min_tissue_overlap`) or whose error
+estimate exceeds `max_registration_error_um` keeps its fractions for inspection but all its
+labels are -1, and the case is flagged: training must skip cases whose `qc.json` has
+`registration_ok: false`. `OUT/summary.json` lists every case; `OUT/cohort.csv` is the cohort
+with absolute paths.
 
 Cases run in parallel processes and are resumable: a step whose recorded parameters (configs and
 input checksums) match is not redone, and a finished case whose parameters match is skipped.
@@ -38,6 +40,7 @@ from histocsc.wsi.grid import COLUMNS, GRID_CSV, GRID_JSON, TileGrid, TilesConfi
 
 STATE_FILE = "state.json"
 QC_FILE = "qc.json"
+LABELS_CSV = "labels.csv"
 
 
 @dataclass
@@ -141,7 +144,8 @@ def prepare_case(
     case_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(case_dir)
     he_sum = file_checksum(case.he)
-    ihc_sums = {m: file_checksum(case.ihc[m]) for m in markers}  # type: ignore[arg-type]
+    ihc_paths = {m: p for m in markers if (p := case.ihc[m]) is not None}
+    ihc_sums = {m: file_checksum(p) for m, p in ihc_paths.items()}
 
     tiles_key = _digest("tiles", cfgs.dump("tiles"), he_sum)
     register_keys = {
@@ -151,7 +155,8 @@ def prepare_case(
     qc_path = case_dir / QC_FILE
     if qc_path.is_file() and not reuse_existing:
         old = read_json(qc_path)
-        if old.get("params") == case_key and old.get("status") in ("ok", "flagged"):
+        finished = old.get("status") in ("ok", "flagged") and (case_dir / LABELS_CSV).is_file()
+        if old.get("params") == case_key and finished:
             return {**old, "reused": True}
 
     grid_files = [case_dir / n for n in (GRID_CSV, GRID_JSON, TILES_NPY)]
@@ -168,13 +173,14 @@ def prepare_case(
         reg_dir = case_dir / "register" / marker
         transform_path = reg_dir / "transform.json"
         step = f"register/{marker}"
-        qc: dict[str, Any] = {"ihc": str(case.ihc[marker]), "registration_ok": False}
+        qc: dict[str, Any] = {"ihc": str(ihc_paths[marker]), "registration_ok": False}
         try:
             if not (
                 transform_path.is_file()
                 and (reuse_existing or state.get(step) == register_keys[marker])
             ):
-                register_marker(case.he, case.ihc[marker], reg_dir, cfgs.register)  # type: ignore[arg-type]
+                transform_path.unlink(missing_ok=True)  # never label from a stale transform
+                register_marker(case.he, ihc_paths[marker], reg_dir, cfgs.register)
                 _record(case_dir, state, step, register_keys[marker])
             he_to_ihc, error = load_transform(transform_path)
             qc["registration_error_um"] = error.get("residual_um_median")
@@ -186,7 +192,8 @@ def prepare_case(
             qc["registration_ok"], problem = _registration_ok(error, label_cfg)
             if problem:
                 qc["error"] = f"{transform_path}: {problem}"
-            result = label_slide(xywh, he_mpp, case.ihc[marker], he_to_ihc, label_cfg)  # type: ignore[arg-type]
+            marker_cfg = label_cfg.for_marker(marker)
+            result = label_slide(xywh, he_mpp, ihc_paths[marker], he_to_ihc, marker_cfg)
         except (RegistrationError, LabelError) as exc:
             qc["registration_ok"] = False
             qc["error"] = str(exc)
@@ -197,7 +204,7 @@ def prepare_case(
         qc.update(_counts(result.label))
         marker_qc[marker] = qc
 
-    write_labels_csv(case_dir / "labels.csv", {c: grid.table[c] for c in COLUMNS}, results)
+    write_labels_csv(case_dir / LABELS_CSV, {c: grid.table[c] for c in COLUMNS}, results)
     _write_label_maps(case.he, case_dir, xywh, he_size, results, label_cfg)
     ok = all(q["registration_ok"] for q in marker_qc.values())
     summary = {

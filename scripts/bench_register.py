@@ -1,9 +1,10 @@
 """Time `register` on a pair of 40000 x 30000 px pyramidal slides (target: under 60 s).
 
 The pair is the real rat-kidney H&E / pan-cytokeratin IHC pair (../shared/data/real/registration)
-scaled up to 40000 px wide at 0.25 µm/px and written tile by tile as pyramidal JPEG TIFFs (once,
-into --workdir; reused on later runs). Registration reads only a low-resolution level. The
-baseline, timed in the same run, is the same pair registered from the original 5 % JPEGs.
+scaled up to 40000 px wide at --mpp µm/px (default 0.25: a 10 x 7.5 mm section) and written
+tile by tile as pyramidal JPEG TIFFs (once, into --workdir; reused on later runs). Registration
+reads only a low-resolution level. The baseline, timed in the same run, is the same pair
+registered from the original 5 % JPEGs.
 
     python scripts/bench_register.py [--workdir /tmp/bench_register]
 """
@@ -23,10 +24,10 @@ from histocsc.wsi.pyramid import write_pyramid_tiff
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "registration"
 PAIR = ("Rat-Kidney_HE.jpg", "Rat-Kidney_PanCytokeratin.jpg")
-WIDTH, HEIGHT, MPP = 40000, 30000, 0.25
+WIDTH, HEIGHT = 40000, 30000
 
 
-def big_slide(src: Path, out: Path) -> Path:
+def big_slide(src: Path, out: Path, mpp: float) -> Path:
     """Write `src` scaled to fill WIDTH x HEIGHT (white margin) as a pyramidal TIFF."""
     if out.is_file():
         return out
@@ -45,7 +46,7 @@ def big_slide(src: Path, out: Path) -> Path:
         )
 
     t0 = time.perf_counter()
-    write_pyramid_tiff(out, HEIGHT, WIDTH, read_tile, MPP, quality=80)
+    write_pyramid_tiff(out, HEIGHT, WIDTH, read_tile, mpp, quality=80)
     print(f"wrote {out} ({WIDTH} x {HEIGHT} px) in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -53,10 +54,11 @@ def big_slide(src: Path, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_register"))
+    parser.add_argument("--mpp", type=float, default=0.25, help="µm/px of the big slides")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    fixed = big_slide(REAL / PAIR[0], args.workdir / "big_HE.tiff")
-    moving = big_slide(REAL / PAIR[1], args.workdir / "big_IHC.tiff")
+    fixed = big_slide(REAL / PAIR[0], args.workdir / f"big_HE_{args.mpp:g}.tiff", args.mpp)
+    moving = big_slide(REAL / PAIR[1], args.workdir / f"big_IHC_{args.mpp:g}.tiff", args.mpp)
 
     t0 = time.perf_counter()
     register(REAL / PAIR[0], REAL / PAIR[1], 10.0, 10.0)

@@ -178,6 +178,8 @@ def main() -> int:
                 "root": str(data_dir),
                 "batch_size": args.batch_size,
                 "num_workers": args.workers,
+                # one epoch covers the whole measurement: no epoch-boundary stalls in it
+                "samples_per_epoch": args.batch_size * (args.steps + WARMUP + 5),
                 "augment": {"enabled": not args.no_augment},
             },
             "model": {"backbone": args.backbone},

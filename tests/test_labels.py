@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import histocsc.ihc.labels as labels_module
 from histocsc.config import load_config
 from histocsc.errors import ConfigError, DataError
 from histocsc.ihc.cohort import read_cohort
@@ -94,11 +95,22 @@ def test_band_must_be_ordered() -> None:
         load_config(LabelConfig, None, {"negative_fraction": 0.5, "positive_fraction": 0.4})
 
 
+def test_per_marker_thresholds() -> None:
+    cd133 = {"positive_fraction": 0.1, "negative_fraction": 0.05}
+    cfg = load_config(LabelConfig, None, {"per_marker": {"CD133": cd133}})
+    assert cfg.for_marker("CD133").positive_fraction == 0.1
+    assert cfg.for_marker("CD44").positive_fraction == cfg.positive_fraction == 0.3
+    with pytest.raises(ConfigError, match="per_marker.CD44: negative_fraction"):
+        load_config(LabelConfig, None, {"per_marker": {"CD44": {"negative_fraction": 0.5}}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(LabelConfig, None, {"per_marker": {"CD44": {"dab": 0.5}}})
+
+
 def test_shipped_yaml_is_the_default() -> None:
     assert load_config(LabelConfig, REPO / "configs" / "label.yaml") == LabelConfig()
 
 
-def test_rotated_mirrored_footprints() -> None:
+def test_rotated_mirrored_footprints(monkeypatch: pytest.MonkeyPatch) -> None:
     """Synthetic maps: a positive half-plane seen through a rotation + mirror."""
     cfg = LabelConfig(label_mpp=2.0)
     ihc_mpp, he_mpp = 1.0, 0.5
@@ -123,6 +135,9 @@ def test_rotated_mirrored_footprints() -> None:
     assert clear.sum() > 20
     assert np.array_equal(got.label[clear], (centres[clear, 0] > 300).astype(np.int8))
     assert np.allclose(got.tissue, 1.0)
+    monkeypatch.setattr(labels_module, "BAND_ROWS", 7)  # many small bands: same numbers
+    banded = measure_tiles(xywh, he_mpp, maps, he_to_ihc, cfg)
+    assert np.allclose(banded.fraction, got.fraction, atol=1e-6)
 
 
 def test_labels_match_truth_with_true_transform(cohort: Path) -> None:

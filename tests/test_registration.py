@@ -9,19 +9,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
 
-from histocsc.errors import RegistrationError
-from histocsc.ihc.registration import RegistrationConfig, register, register_arrays
+from histocsc.config import load_config
+from histocsc.errors import ConfigError, RegistrationError
+from histocsc.ihc.deconvolution import tissue_mask_od
+from histocsc.ihc.registration import (
+    RegistrationConfig,
+    register,
+    register_arrays,
+    warp_moving_region,
+)
 from histocsc.ihc.transform import Mapping, Transform, invert_mapping, read_points_csv
 from histocsc.synthetic.generate import make_case
 from histocsc.synthetic.layout import make_layout
 from histocsc.synthetic.render import Section, SectionRenderer
 from histocsc.synthetic.transform import SectionTransform, random_transform
 from histocsc.synthetic.truth import landmarks, load_truth
+from histocsc.wsi.slide import open_slide
 
 PAIR = ("Rat-Kidney_HE.jpg", "Rat-Kidney_PanCytokeratin.jpg")
 LANDMARKS = ("Rat-Kidney_HE.csv", "Rat-Kidney_PanCytokeratin.csv")
@@ -87,6 +96,19 @@ def test_rat_kidney_transform_file(rat_kidney: Path) -> None:
     assert tf.error["residual_um_median"] is not None and not tf.error["poor"]
     overlay = np.asarray(Image.open(rat_kidney / "overlay.png"))
     assert overlay.ndim == 3 and overlay.shape[1] > overlay.shape[0]
+
+
+def test_warp_moving_region_lands_ihc_tissue_on_he_tissue(rat_kidney: Path, real_data) -> None:
+    tf = Transform.load(rat_kidney / "transform.json")
+    he = np.asarray(Image.open(real_data / "registration" / PAIR[0]).convert("RGB"))
+    with open_slide(real_data / "registration" / PAIR[1], mpp=10) as ihc:
+        warped = warp_moving_region(ihc, tf, 100, 50, 900, 700, mpp=20)
+    assert warped.shape == (350, 450, 3)
+    he_small = cv2.resize(he[50:750, 100:1000], (450, 350), interpolation=cv2.INTER_AREA)
+    he_tissue = tissue_mask_od(he_small, 0.1)
+    ihc_tissue = tissue_mask_od(warped, 0.1)  # pale IHC: total OD 0.15-0.3
+    agree = (he_tissue == ihc_tissue).mean()
+    assert agree > 0.95, agree
 
 
 # -- phantom pairs ----------------------------------------------------------------------------
@@ -195,3 +217,10 @@ def test_unrelated_pair_on_the_command_line(real_data: Path, tmp_path: Path) -> 
     assert "Traceback" not in result.stderr
     assert str(moving) in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "transform.json").exists()
+
+
+def test_config_file_holds_the_defaults() -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / "register.yaml"
+    assert load_config(RegistrationConfig, path) == RegistrationConfig()
+    with pytest.raises(ConfigError, match="work_mp"):
+        load_config(RegistrationConfig, None, {"work_mp": 4})

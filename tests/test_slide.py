@@ -164,3 +164,20 @@ def test_folder_and_bad_mpp(tmp_path, svs):
         open_slide(tmp_path)
     with pytest.raises(SlideError, match="mpp"):
         open_slide(svs / CMU, mpp=-1)
+
+
+def test_large_reads_are_split_into_blocks(svs, monkeypatch):
+    """Reads bigger than CHUNK_PX at the level read are assembled from blocks (this once
+    recursed forever when the output was large but its downsample small)."""
+    import histocsc.wsi.slide as slide_module
+
+    monkeypatch.setattr(slide_module, "CHUNK_PX", 256)
+    with open_slide(svs / CMU) as slide:
+        blocks = slide.read(0, 0, 2048, 1536, mpp=slide.mpp * 2)
+        thumb = slide.thumbnail(1.0)
+    monkeypatch.setattr(slide_module, "CHUNK_PX", 100_000)
+    with open_slide(svs / CMU) as slide:
+        whole = slide.read(0, 0, 2048, 1536, mpp=slide.mpp * 2)
+        assert thumb.shape == slide.thumbnail(1.0).shape
+    assert blocks.shape == whole.shape == (768, 1024, 3)
+    assert np.abs(blocks.astype(int) - whole).mean() < 1

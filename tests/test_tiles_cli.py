@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import openslide
 import pytest
 import tifffile
 from PIL import Image
@@ -93,16 +94,21 @@ def test_missing_slide_is_one_line_error(tmp_path):
 
 
 def test_folder_with_a_slide_lacking_mpp(slides, tmp_path):
-    result = _run(slides, "--out", tmp_path)
+    result = _run(slides, "--out", tmp_path, "--save-images")
     assert result.exit_code == 1
     assert "case2.tif" in result.output and "--slide-mpp" in result.output
     assert "overview" not in result.output
     assert (tmp_path / "case1" / "grid.json").is_file()  # the good slide is still done
     assert not (tmp_path / "case2" / "grid.json").exists()
-    fixed = _run(slides, "--out", tmp_path, "--slide-mpp", "0.5")
+    fixed = _run(slides, "--out", tmp_path, "--slide-mpp", "0.5", "--save-images")
     assert fixed.exit_code == 0, fixed.output
     assert "case1.tiff: skipped" in fixed.output
     assert json.loads((tmp_path / "case2" / "grid.json").read_text())["slide_mpp"] == 0.5
+    grid = TileGrid.load(tmp_path / "case2")  # a plain image, read through Slide.read
+    tiles = np.load(tmp_path / "case2" / "tiles.npy")
+    with open_slide(slides / "case2.tif", mpp=0.5) as s:
+        x, y, w, h = grid.boxes[-1]
+        assert len(grid) > 0 and np.array_equal(tiles[-1], s.read(x, y, w, h))
 
 
 def test_corrupt_slide_and_bad_config(slides, tmp_path):
@@ -137,3 +143,49 @@ def test_fast_reader_gives_openslide_pixels(real_data, name):
     with open_slide(path, mpp=0.5) as slide:
         for k, (x, y, w, h) in enumerate(boxes):
             assert np.array_equal(got[k], slide.read(x, y, w, h)), (name, k)
+
+
+def test_failure_mid_slide_leaves_no_half_written_output(slides, tmp_path):
+    """A level-0 tile that cannot be decoded fails the slide after its grid was made: no
+    tiles.npy, no grid.json and no temporary file remain, and the error names the file."""
+    slide = tmp_path / "damaged.tiff"
+    slide.write_bytes((slides / "case1.tiff").read_bytes())
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages[0]
+        cols = -(-page.shape[1] // page.tilewidth)
+        index = (800 // page.tilelength) * cols + 1000 // page.tilewidth  # inside the tissue
+        offset = page.dataoffsets[index]
+    with slide.open("r+b") as f:
+        f.seek(offset)
+        f.write(bytes(64))  # wipe the JPEG header of that tile
+    out = tmp_path / "out"
+    result = _run(slide, "--out", out, "--save-images", "--workers", "2")
+    assert result.exit_code == 1 and str(slide) in result.output
+    assert "Traceback" not in result.output
+    assert not (out / "damaged" / "tiles.npy").exists()
+    assert not (out / "damaged" / "grid.json").exists()
+    assert _no_temp_files(out)
+
+
+def test_openslide_path_gives_the_same_pixels(slides):
+    """The OpenSlide read path (used for formats other than SVS / generic TIFF) gives the same
+    pixels as the direct TIFF decoder, for runs of tiles and for a lone tile."""
+    path = slides / "case1.tiff"
+    fast = TileReader(path, None)
+    slow = TileReader(path, None)
+    slow.tiff = None
+    slow.osr = openslide.OpenSlide(str(path))
+    boxes = np.array([[x, 448, 224, 224] for x in (0, 224, 448, 896)] + [[100, 900, 224, 224]])
+    a = np.concatenate([t.copy() for _, t in fast.read_runs(boxes, 224)])
+    b = np.concatenate([t.copy() for _, t in slow.read_runs(boxes, 224)])
+    assert np.array_equal(a, b)
+
+
+def test_slide_without_tissue_gives_an_empty_grid(tmp_path):
+    glass = np.full((1200, 1500, 3), 241, np.uint8)
+    glass[500:520, 300:1300] = 40  # a black pen line, not tissue
+    slide = write_pyramid_tiff_from_array(tmp_path / "glass.tiff", glass, 0.5, min_size=256)
+    result = _run(slide, "--out", tmp_path / "out", "--save-images")
+    assert result.exit_code == 0 and "0 tiles" in result.output, result.output
+    assert np.load(tmp_path / "out" / "glass" / "tiles.npy").shape == (0, 224, 224, 3)
+    assert "skipped" in _run(slide, "--out", tmp_path / "out", "--save-images").output

@@ -8,7 +8,13 @@ from PIL import Image
 
 from histocsc.config import load_config
 from histocsc.errors import ConfigError
-from histocsc.wsi.tissue import TissueConfig, ink_mask, is_tissue_tile, tissue_fraction, tissue_mask
+from histocsc.wsi.tissue import (
+    TissueConfig,
+    ink_mask,
+    is_tissue_tile,
+    tile_tissue_fraction,
+    tissue_mask,
+)
 
 TILE_MPP = 0.5  # the labelled tiles are treated as 0.5 µm/px
 MIN_FRACTION = 0.5  # the default min_tissue_fraction of the tile grid
@@ -27,14 +33,14 @@ def _rgb(path) -> np.ndarray:
 
 def test_every_tissue_tile_is_kept(real_data):
     for path in _tiles(real_data, "tissue-*.png"):
-        frac = tissue_fraction(_rgb(path), TILE_MPP)
+        frac = tile_tissue_fraction(_rgb(path), TILE_MPP)
         assert is_tissue_tile(_rgb(path), TILE_MPP, MIN_FRACTION), f"{path.name}: {frac:.2f}"
 
 
 @pytest.mark.parametrize("pattern", ["no-tissue*.png", "almost-white-1.png"])
 def test_background_and_ink_tiles_are_rejected(real_data, pattern):
     for path in _tiles(real_data, pattern):
-        frac = tissue_fraction(_rgb(path), TILE_MPP)
+        frac = tile_tissue_fraction(_rgb(path), TILE_MPP)
         assert not is_tissue_tile(_rgb(path), TILE_MPP, MIN_FRACTION), f"{path.name}: {frac:.2f}"
 
 
@@ -45,8 +51,8 @@ def test_pen_tiles_are_flagged_as_ink(real_data):
 
 def test_ink_rejection_can_be_switched_off(real_data):
     rgb = _rgb(real_data / "he-tiles" / "no-tissue-green-pen.png")
-    assert tissue_fraction(rgb, TILE_MPP, TissueConfig(ink=[])) > 0.5
-    assert tissue_fraction(rgb, TILE_MPP) == 0.0
+    assert tile_tissue_fraction(rgb, TILE_MPP, TissueConfig(ink=[])) > 0.5
+    assert tile_tissue_fraction(rgb, TILE_MPP) == 0.0
 
 
 def test_h_and_e_is_not_mistaken_for_ink(real_data):
@@ -57,7 +63,7 @@ def test_h_and_e_is_not_mistaken_for_ink(real_data):
 def test_mask_is_resolution_independent(real_data):
     rgb = _rgb(real_data / "he-tiles" / "tissue-level0-7352-11762-7864-12274.png")
     fine = tissue_mask(rgb, TILE_MPP).mean()
-    coarse = tissue_fraction(rgb, TILE_MPP, TissueConfig(mpp=2.0))
+    coarse = tile_tissue_fraction(rgb, TILE_MPP, TissueConfig(mpp=2.0))
     assert abs(fine - coarse) < 0.05
 
 
@@ -95,3 +101,14 @@ def test_config_rejects_unknown_key_and_bad_range(tmp_path):
     path.write_text("sturation_range: [0.1, 0.3]\n")
     with pytest.raises(ConfigError, match="sturation_range"):
         load_config(TissueConfig, path)
+
+
+@pytest.mark.parametrize(
+    "ink", [(30, 80, 200), (60, 110, 210), (35, 35, 40), (70, 70, 70), (40, 170, 120)]
+)
+def test_blue_black_and_green_marker_is_not_tissue(ink):
+    rgb = np.full((100, 100, 3), 240, np.uint8)
+    rgb[20:80, 10:90] = ink  # a broad pen stroke on glass
+    assert not tissue_mask(rgb, 4.0).any()
+    rgb[20:80, 10:90] = (120, 60, 140)  # haematoxylin-rich tissue in the same place is kept
+    assert tissue_mask(rgb, 4.0)[50, 50]

@@ -1,10 +1,11 @@
 """Per-tile IHC labels: the DAB-positive fraction of IHC tissue under each H&E tile.
 
-Each IHC slide is read once, in big row bands at `label_mpp`, and turned into two maps: tissue
-(total optical density above a threshold) and DAB-positive tissue (DAB optical density above
-`dab_od_threshold`). Both maps are warped once into the H&E frame at `label_mpp` through the
-H&E -> IHC transform (a dense `cv2.remap`), so every tile footprint, rigid or not, is measured
-with box sums over integral images: no IHC pixel is read twice.
+The IHC region under the tiles is read once, in big row bands at `label_mpp`, and turned into
+two maps: tissue (summed RGB optical density above `tissue_od_threshold`) and DAB-positive
+tissue (DAB optical density above `dab_od_threshold`). Both maps are warped into the H&E frame
+at `label_mpp` through the H&E -> IHC transform (a dense `cv2.remap`, band by band), so every
+tile footprint, rigid or not, is measured with two box sums over integral images: no IHC pixel
+is read twice, however much the tiles overlap.
 
 All optical densities are base-10 (OD = -log10(I / I0)), as in QuPath.
 """
@@ -30,6 +31,16 @@ PointMap = Callable[[np.ndarray], np.ndarray]
 
 BAND_ROWS = 2048  # output rows per IHC read / warp band
 MAP_STEP = 4  # the transform is evaluated every MAP_STEP label pixels, bilinear in between
+
+
+class MarkerThresholds(StrictModel):
+    """Per-marker replacements for the thresholds of LabelConfig (unset: the shared value)."""
+
+    dab_od_threshold: float | None = Field(None, ge=0)
+    tissue_od_threshold: float | None = Field(None, ge=0)
+    positive_fraction: float | None = Field(None, ge=0, le=1)
+    negative_fraction: float | None = Field(None, ge=0, le=1)
+    min_tissue_fraction: float | None = Field(None, ge=0, le=1)
 
 
 class LabelConfig(StrictModel):
@@ -64,15 +75,29 @@ class LabelConfig(StrictModel):
         0.75, ge=0, le=1, description="a marker whose registered tissue overlaps less is flagged"
     )
     label_map_max_px: int = Field(2048, ge=64, description="longest side of label_map_<M>.png")
+    per_marker: dict[str, MarkerThresholds] = Field(
+        default_factory=dict, description="thresholds that differ for a marker, by marker name"
+    )
 
     @model_validator(mode="after")
     def _band(self) -> LabelConfig:
-        if self.negative_fraction >= self.positive_fraction:
-            raise ValueError(
-                f"negative_fraction ({self.negative_fraction}) must be below "
-                f"positive_fraction ({self.positive_fraction})"
-            )
+        for name in [None, *self.per_marker]:
+            cfg = self if name is None else self.for_marker(name)
+            if cfg.negative_fraction >= cfg.positive_fraction:
+                where = "" if name is None else f"per_marker.{name}: "
+                raise ValueError(
+                    f"{where}negative_fraction ({cfg.negative_fraction}) must be below "
+                    f"positive_fraction ({cfg.positive_fraction})"
+                )
         return self
+
+    def for_marker(self, marker: str) -> LabelConfig:
+        """This configuration with `marker`'s own thresholds applied (no validation rerun)."""
+        extra = self.per_marker.get(marker)
+        if extra is None:
+            return self
+        update = {k: v for k, v in extra.model_dump().items() if v is not None}
+        return self.model_copy(update={**update, "per_marker": {}})
 
 
 @dataclass
@@ -226,11 +251,24 @@ def measure_tiles(
     boxes = np.rint(corners * scale).astype(np.int64)
     wx, wy = boxes[:, :2].min(axis=0)
     boxes -= np.array([wx, wy, wx, wy])
-    window = (int(wx), int(wy), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
-    tissue_he, positive_he = warp_to_he(maps, he_to_ihc, window, he_mpp, cfg.label_mpp)
+    width, height = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    # bands of rows, so memory stays bounded on big slides; each tile is measured in the band
+    # holding its top row, and bands overlap by one tile height so it fits whole
+    tile_h = int((boxes[:, 3] - boxes[:, 1]).max())
+    step = max(BAND_ROWS, tile_h)
+    tissue_sum = np.zeros(len(boxes))
+    positive_sum = np.zeros(len(boxes))
+    for b0 in range(0, height, step):
+        sel = (boxes[:, 1] >= b0) & (boxes[:, 1] < b0 + step)
+        if not sel.any():
+            continue
+        b1 = int(boxes[sel, 3].max())
+        window = (int(wx), int(wy) + b0, width, b1 - b0)
+        tissue_he, positive_he = warp_to_he(maps, he_to_ihc, window, he_mpp, cfg.label_mpp)
+        band_boxes = boxes[sel] - np.array([0, b0, 0, b0])
+        tissue_sum[sel] = box_sums(tissue_he, band_boxes)
+        positive_sum[sel] = box_sums(positive_he, band_boxes)
     area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1)
-    tissue_sum = box_sums(tissue_he, boxes)
-    positive_sum = box_sums(positive_he, boxes)
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = np.where(tissue_sum > 1e-6, positive_sum / tissue_sum, np.nan)
     tissue = np.clip(tissue_sum / area, 0.0, 1.0)

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from pydantic import Field
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from histocsc.config import StrictModel
 from histocsc.errors import ConfigError, DataError, LabelError
@@ -41,6 +41,7 @@ class DataConfig(StrictModel):
     skip_failed_qc: bool = True  # ignore markers (or cases) whose qc.json registration failed
     max_tiles_per_case: int | None = Field(None, ge=1)  # seeded subsample, for quick runs
     balance: Literal["pos_weight", "sampler", "none"] = "pos_weight"
+    samples_per_epoch: int | None = Field(None, ge=1)  # default: every training tile once
     max_pos_weight: float = Field(100.0, gt=0)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
@@ -370,18 +371,23 @@ class TileDataModule(L.LightningDataModule):
         w = np.clip(neg / np.maximum(pos, 1), 1 / self.cfg.max_pos_weight, self.cfg.max_pos_weight)
         return torch.as_tensor(w, dtype=torch.float32)
 
-    def _sampler(self) -> WeightedRandomSampler | None:
-        if self.cfg.balance != "sampler":
-            return None
-        y = self.datasets["train"].labels
-        weight = np.zeros(len(y), np.float64)
-        for j in range(y.shape[1]):
-            for v in (0, 1):
-                hit = y[:, j] == v
-                if hit.any():
-                    weight[hit] = np.maximum(weight[hit], 1.0 / hit.sum())
+    def _sampler(self) -> Sampler | None:
+        """None (plain shuffling), a balanced sampler, or a fixed number of tiles per epoch."""
+        ds = self.datasets["train"]
+        n = self.cfg.samples_per_epoch or len(ds)
         generator = torch.Generator().manual_seed(self.seed)
-        return WeightedRandomSampler(weight.tolist(), len(y), replacement=True, generator=generator)
+        if self.cfg.balance == "sampler":
+            y = ds.labels
+            weight = np.zeros(len(y), np.float64)
+            for j in range(y.shape[1]):
+                for v in (0, 1):
+                    hit = y[:, j] == v
+                    if hit.any():
+                        weight[hit] = np.maximum(weight[hit], 1.0 / hit.sum())
+            return WeightedRandomSampler(weight.tolist(), n, replacement=True, generator=generator)
+        if self.cfg.samples_per_epoch:
+            return RandomSampler(ds, num_samples=n, generator=generator)
+        return None
 
     def train_dataloader(self) -> DataLoader:
         sampler = self._sampler()
@@ -390,7 +396,8 @@ class TileDataModule(L.LightningDataModule):
             batch_size=self.cfg.batch_size,
             shuffle=sampler is None,
             sampler=sampler,
-            drop_last=len(self.datasets["train"]) > self.cfg.batch_size,
+            drop_last=(self.cfg.samples_per_epoch or len(self.datasets["train"]))
+            > self.cfg.batch_size,
             **_loader_kwargs(self.cfg),
         )
 

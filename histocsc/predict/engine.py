@@ -143,6 +143,24 @@ class InferOptions:
     min_tissue: float | None = None  # keep tiles with at least this tissue fraction
 
 
+def row_runs(tiles: Tiles, start: int, stop: int, longest: int = 16) -> Iterator[tuple[int, int]]:
+    """(first index, count) of runs of side-by-side tiles in one grid row, read as one region.
+
+    Tiles are merged only when they abut (stride = size) and the tile covers a whole number of
+    output pixels per level-0 pixel, so a run gives exactly the pixels of separate reads.
+    """
+    mergeable = tiles.step == tiles.size and tiles.size % tiles.tile_px == 0
+    i = start
+    while i < stop:
+        n = 1
+        while (mergeable and n < longest and i + n < stop
+               and tiles.y[i + n] == tiles.y[i]
+               and tiles.x[i + n] == tiles.x[i] + n * tiles.size):
+            n += 1
+        yield i, n
+        i += n
+
+
 def read_batches(
     slide_path: Path, slide_mpp: float | None, tiles: Tiles, batch: int, workers: int,
 ) -> Iterator[np.ndarray]:
@@ -164,9 +182,11 @@ def read_batches(
         s = slide()
         stop = min(start + batch, len(tiles.x))
         out = np.empty((stop - start, *size, 3), np.uint8)
-        for k, i in enumerate(range(start, stop)):
-            out[k] = s.read(int(tiles.x[i]), int(tiles.y[i]), int(tiles.w[i]), int(tiles.h[i]),
-                            out_size=size)
+        for i, n in row_runs(tiles, start, stop):
+            w, h = int(tiles.w[i]), int(tiles.h[i])
+            region = s.read(int(tiles.x[i]), int(tiles.y[i]), w * n, h,
+                            out_size=(size[0] * n, size[1]))
+            out[i - start:i - start + n] = region.reshape(size[1], n, size[0], 3).swapaxes(0, 1)
         return out
 
     starts = iter(range(0, len(tiles.x), batch))

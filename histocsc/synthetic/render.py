@@ -18,8 +18,6 @@ from histocsc.synthetic.cells import (
     CX,
     CY,
     CYTO,
-    ENDO,
-    FIBRO,
     KIND,
     LYMPH,
     OD,
@@ -204,7 +202,10 @@ class SectionRenderer:
             hx = 0.03 + 0.04 * nest + (0.04 + 0.2 * coarse) * cyto + nuc_od + 0.05 * lymph
             fold = np.clip(f[..., lay.channel("fold")] / (3 * um), 0, 1)
             gain = 1.0 + 0.75 * fold
-            out = (hx * gain)[..., None] * self.v_h + (e * gain)[..., None] * self.v_e
+            # Uneven staining across the slide, so that darkness alone is not a class cue.
+            h_gain = gain * (0.65 + 0.7 * fractal_noise(u, v, 500 * um, seed + 26, 2))
+            e_gain = gain * (0.75 + 0.5 * fractal_noise(u, v, 500 * um, seed + 27, 2))
+            out = (hx * h_gain)[..., None] * self.v_h + (e * e_gain)[..., None] * self.v_e
             out += (rbc * 1.1)[..., None] * _unit(RED_CELL)
         else:
             hx = 0.07 + 0.12 * (1 - nest) * fib + 0.07 * cyto + 0.5 * nuc_od + 0.08 * wall
@@ -287,8 +288,6 @@ class SectionRenderer:
             elif k == STEM and cells[i, RAND] < 0.5:
                 off = (int(c[0] + rx[i] * 0.25 * sc), int(c[1] - ry[i] * 0.2 * sc))
                 cv2.circle(nuc, off, int(1.0 * um * sc), 255, -1, aa, SHIFT)
-            elif k in (FIBRO, ENDO):
-                pass
         scale = np.float32(NUC_SCALE / 255.0)
         return (nuc.astype(np.float32) * scale, cyto.astype(np.float32) / 255.0,
                 memb.astype(np.float32) / 255.0, rbc.astype(np.float32) / 255.0)

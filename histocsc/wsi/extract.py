@@ -5,13 +5,16 @@ Per slide, in `OUT/<slide_stem>/`: `mask.png` (tissue mask at the thumbnail reso
 `histocsc.wsi.grid`) and, with `save_images`, `tiles.npy`: uint8 (N, tile_px, tile_px, 3) in grid
 row order, readable with `np.load(path, mmap_mode="r")`.
 
-Speed: tiles are read a row-run at a time (one `read_region` for up to `MAX_RUN` neighbouring
-tiles, at the coarsest level that is fine enough, resized with an area filter only if needed) and
-written straight into a memory-mapped `.npy`. The grid is cut into bands of rows that worker
-processes fill in parallel, each with its own slide handle; so one big slide uses every worker,
-and so do many small ones. Every output is written under a temporary name and renamed;
-`grid.json` is written last, so a slide counts as finished only when its sidecar exists and its
-parameters and slide checksum match the current run.
+Speed: tiles are read a row-run at a time (up to `MAX_RUN` neighbouring tiles per read). For
+Aperio SVS and generic tiled TIFFs, level-0 tiles are decoded directly (tifffile + imagecodecs,
+the same codecs OpenSlide uses, identical pixels) with a cache holding the slide rows a run
+spans, so each stored JPEG tile is decoded once; other formats go through OpenSlide with a
+large tile cache. Resizing (cv2 INTER_AREA) happens only when the tile mpp is not a level's mpp.
+Tiles are written with pwrite into a `.npy` created with `np.lib.format.open_memmap`. The grid is
+cut into bands of rows that worker processes fill in parallel, each with its own slide handle; so
+one big slide uses every worker, and so do many small ones. Every output is written under a
+temporary name and renamed; `grid.json` is written last, so a slide counts as finished only when
+its sidecar exists and its parameters and slide checksum match the current run.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,7 +61,8 @@ SLIDE_SUFFIXES = {
 TILES_NPY = "tiles.npy"
 MASK_PNG = "mask.png"
 THUMB_PNG = "thumbnail.png"
-MAX_RUN = 24  # tiles read by one read_region call
+MAX_RUN = 24  # neighbouring tiles read as one region
+TILE_CACHE_BYTES = 512 * 2**20  # at most this much of decoded TIFF tiles kept per reader
 CACHE_BYTES = 256 * 2**20  # OpenSlide tile cache per reader: two rows of JPEG tiles of a big slide
 OVERVIEW_MAX_PX = 2048  # long side of thumbnail.png
 Advance = Callable[[int], None]
@@ -154,6 +160,7 @@ def prepare_slide(
     """Make the grid, write mask.png and thumbnail.png, and create the empty tile store
     (under a temporary name) when `save_images`. The grid itself is saved by `finish_slide`."""
     task.out_dir.mkdir(parents=True, exist_ok=True)
+    (task.out_dir / GRID_JSON).unlink(missing_ok=True)  # not finished until rewritten, last
     for stale in task.out_dir.glob(".tiles.*.tmp.npy"):  # left by an interrupted run
         stale.unlink(missing_ok=True)
     checksum = file_checksum(task.path)
@@ -207,8 +214,9 @@ def finish_slide(task: SlideTask, grid: TileGrid, tmp_tiles: Path | None) -> Non
 class TiffLevel0:
     """Level 0 of a tiled TIFF slide (Aperio SVS or generic pyramidal TIFF) read by decoding its
     tiles directly (tifffile + imagecodecs: JPEG, JPEG 2000, ...) into RGB, with a cache of
-    decoded tiles that holds two rows of the slide. This is the same decoding OpenSlide does for
-    these formats (the pixels are identical), minus its ARGB compositing and copies."""
+    decoded tiles holding the rows of the slide that a run of tiles spans. The decoding is the
+    one OpenSlide does for these formats (the pixels are identical), minus its ARGB compositing
+    and copies."""
 
     FORMATS = {"aperio", "generic-tiff"}
 
@@ -234,7 +242,8 @@ class TiffLevel0:
         self.tw, self.th = page.tilewidth, page.tilelength
         self.cols = -(-width // self.tw)
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._capacity = min(2048, 2 * self.cols + 8)
+        self._capacity = 2 * self.cols + 8  # grown in `read` to hold the rows a run spans
+        self._max_capacity = max(64, TILE_CACHE_BYTES // (self.tw * self.th * 3))
         self._tile(0)  # fail here, not mid-run, if the codec is unsupported
 
     def _tile(self, index: int) -> np.ndarray:
@@ -257,6 +266,8 @@ class TiffLevel0:
     def read(self, x: int, y: int, w: int, h: int, out: np.ndarray) -> np.ndarray:
         """RGB pixels of the level-0 region (x, y, w, h), written into `out` (h, w, 3)."""
         tw, th = self.tw, self.th
+        rows = (h + th - 1) // th + 1  # tile rows one run can touch, the last shared with the next
+        self._capacity = min(self._max_capacity, max(self._capacity, rows * self.cols + 8))
         for ty in range(y // th, (y + h - 1) // th + 1):
             for tx in range(x // tw, (x + w - 1) // tw + 1):
                 tile = self._tile(ty * self.cols + tx)
@@ -462,8 +473,23 @@ def _executor(workers: int) -> Iterator[cf.Executor | None]:
         yield None
         return
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # Workers start with SIGINT ignored (they inherit it), so Ctrl-C stops only the main
+    # process, which cancels what is queued and removes temporary files, without a traceback
+    # from every worker.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        list(pool.map(_started, range(workers)))  # start every worker now
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    with pool:
         yield pool
+
+
+def _started(_: int) -> bool:
+    return True
 
 
 def _unordered(

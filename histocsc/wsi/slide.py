@@ -141,7 +141,7 @@ class Slide:
         """Coarsest level whose downsample is still at most `downsample` (as fine as asked)."""
         best = 0
         for level, level_ds in enumerate(self.level_downsamples):
-            if level_ds <= downsample * (1 + 1e-6):
+            if level_ds <= downsample * 1.01:  # 1 % slack for rounded output sizes
                 best = level
         return best
 

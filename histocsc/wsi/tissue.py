@@ -159,7 +159,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) ->
     return mask
 
 
-def tissue_fraction(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) -> float:
+def tile_tissue_fraction(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) -> float:
     """Fraction of an image (e.g. one tile) covered by tissue, judged at `cfg.mpp`.
 
     The image is first brought to the mask resolution, so a single tile is judged the way the
@@ -179,4 +179,4 @@ def is_tissue_tile(
     rgb: np.ndarray, mpp: float, min_fraction: float = 0.5, cfg: TissueConfig | None = None
 ) -> bool:
     """The tile filter: keep a tile when at least `min_fraction` of it is tissue."""
-    return tissue_fraction(rgb, mpp, cfg) >= min_fraction
+    return tile_tissue_fraction(rgb, mpp, cfg) >= min_fraction
