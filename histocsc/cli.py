@@ -348,7 +348,8 @@ def infer_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Tiles per batch.")] = 32,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Slide-reading threads (default: one per core).")
+        int | None,
+        typer.Option("--workers", min=1, help="Slide-reading threads (default: one per core)."),
     ] = None,
     mpp: Annotated[
         float | None, typer.Option("--mpp", help="Slide pixel size (µm/px) when the file lacks it.")

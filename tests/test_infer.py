@@ -310,3 +310,18 @@ def test_slide_without_pixel_size_needs_mpp(workspace: dict[str, Path], real_dat
     assert code == 0, output
     summary = json.loads((tmp_path / slide.stem / "summary.json").read_text())
     assert summary["slide"]["mpp"] == 0.5 and summary["tiles"] > 0
+
+
+def test_slide_without_tissue_gives_empty_outputs(workspace: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    glass = tmp_path / "glass.tif"
+    write_pyramid_tiff_from_array(glass, np.full((512, 640, 3), 243, np.uint8), SLIDE_MPP)
+    code, output = infer([str(glass), "--model", str(workspace["model"]), "--out",
+                          str(tmp_path / "out")])
+    assert code == 0, output
+    d = tmp_path / "out" / "glass"
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["tiles"] == 0 and summary["tissue_area_mm2"] == 0
+    assert (d / "heatmap_stem_like.png").is_file()
+    assert list(csv.reader((d / "scores.csv").open())) == [
+        ["x", "y", "w", "h", "row", "col", "tissue_fraction", *MARKERS]]

@@ -112,3 +112,13 @@ def test_blue_black_and_green_marker_is_not_tissue(ink):
     assert not tissue_mask(rgb, 4.0).any()
     rgb[20:80, 10:90] = (120, 60, 140)  # haematoxylin-rich tissue in the same place is kept
     assert tissue_mask(rgb, 4.0)[50, 50]
+
+
+def test_dab_brown_is_not_red_ink():
+    """IHC slides go through the same ink filter: DAB brown and haematoxylin are not ink."""
+    from skimage import data
+
+    ihc = data.immunohistochemistry()  # real colon IHC (DAB + haematoxylin), ships offline
+    assert ink_mask(ihc, ["red", "green", "blue", "black"]).mean() < 0.02
+    assert ink_mask(np.full((8, 8, 3), (150, 100, 60), np.uint8), ["red"]).sum() == 0
+    assert ink_mask(np.full((8, 8, 3), (210, 40, 50), np.uint8), ["red"]).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import cv2
 import numpy as np
 
 from histocsc.config import StrictModel
@@ -115,9 +116,13 @@ def deconvolve(rgb: np.ndarray, stains: Stains | str = "H-DAB") -> np.ndarray:
     """
     if isinstance(stains, str):
         stains = named_stains(stains)
-    od = optical_density(rgb)
-    out = od.reshape(-1, 3) @ stains.inverse.astype(np.float32)
-    return np.maximum(out, 0).reshape(od.shape)
+    return np.maximum(unmix(optical_density(rgb), stains), 0)
+
+
+def unmix(od: np.ndarray, stains: Stains) -> np.ndarray:
+    """Per-pixel stain amounts (H, W, 3), unclipped, from OD (H, W, 3): ``od @ inverse``."""
+    od = np.ascontiguousarray(od, dtype=np.float32)
+    return cv2.transform(od, stains.inverse.T.astype(np.float32))
 
 
 def dab_od(rgb: np.ndarray, residual_gate: float | None = RESIDUAL_GATE) -> np.ndarray:
@@ -130,12 +135,11 @@ def dab_od(rgb: np.ndarray, residual_gate: float | None = RESIDUAL_GATE) -> np.n
     ``residual_gate=None`` gives the plain DAB channel.
     """
     stains = named_stains("H-DAB")
-    od = optical_density(rgb)
-    x = od.reshape(-1, 3) @ stains.inverse.astype(np.float32)
-    dab = np.maximum(x[:, 1], 0)
+    x = unmix(optical_density(rgb), stains)
+    dab = np.maximum(x[..., 1], 0)
     if residual_gate is not None:
-        dab[x[:, 2] < -residual_gate * dab] = 0
-    return dab.reshape(od.shape[:2])
+        dab[x[..., 2] < -residual_gate * dab] = 0
+    return dab
 
 
 def dab_positive(

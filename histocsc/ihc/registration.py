@@ -32,13 +32,14 @@ from pydantic import Field
 
 from histocsc.config import StrictModel
 from histocsc.errors import RegistrationError
-from histocsc.ihc.deconvolution import named_stains, optical_density
+from histocsc.ihc.deconvolution import named_stains, optical_density, unmix
 from histocsc.ihc.transform import Mapping, Transform, invert_mapping
 from histocsc.io import atomic_path
 from histocsc.wsi.slide import Slide, open_slide
 from histocsc.wsi.tissue import ink_mask
 
 ERROR_BLOCK_UM = 400.0  # block size of the error estimate
+MAX_ERROR_BLOCKS = 600  # at most about this many block positions are tried
 MIN_WORK_PX = 512  # small sections are registered at a finer resolution to keep this many px
 MIN_COARSE_PX = 128  # ... and searched on at least this many
 MAX_FAILED_BLOCKS = 0.7  # poor: the error estimate found no small shift in more blocks than this
@@ -63,6 +64,7 @@ class RegistrationConfig(StrictModel):
     motion: Literal["euclidean", "affine"] = "affine"
     ecc_iterations: int = Field(300, ge=10)
     ecc_eps: float = Field(1e-6, gt=0)
+    mask_weight: float = Field(0.0, ge=0, description="tissue-mask weight in the affine fit")
     ecc_blur_um: float = Field(2.0, ge=0, description="blur of the images for ECC (µm)")
     nonrigid: bool = True
     nonrigid_iterations: int = Field(1, ge=0, description="optical-flow passes (1 is best)")
@@ -237,11 +239,10 @@ def _prepare(
         chan = total
     else:
         mat = named_stains(stains)
-        amounts = np.maximum(od.reshape(-1, 3) @ mat.inverse.astype(np.float32), 0)
-        chan = amounts[:, mat.index("hematoxylin")]
+        amounts = np.maximum(unmix(od, mat), 0)
+        chan = amounts[..., mat.index("hematoxylin")]
         if cfg.channel == "hematoxylin+dab" and "dab" in mat.names:
-            chan = chan + amounts[:, mat.index("dab")]
-        chan = chan.reshape(total.shape)
+            chan = chan + amounts[..., mat.index("dab")]
     scale = float(np.percentile(chan[mask], 99)) or 1.0
     feature = (np.clip(chan / scale, 0, 1.5) * mask).astype(np.float32)
     return _Image(rgb, feature, mask, _pixel_to_level0(rgb.shape, info), info)
@@ -285,7 +286,10 @@ def register_images(
     if mirrored:
         moving = _flipped(moving)
     # 2. affine refinement, coarse to fine
-    warp = _refine_affine(fixed.feature, moving.feature, warp, factor, work_mpp, cfg, log)
+    warp = _refine_affine(
+        _with_mask(fixed, cfg.mask_weight), _with_mask(moving, cfg.mask_weight),
+        warp, factor, work_mpp, cfg, log,
+    )  # fmt: skip
     _check_affine(warp, cfg, fixed, moving)
     ncc_affine = _ncc_after(fixed, moving, warp, None)
     log.append(f"affine NCC {ncc_affine:.3f}")
@@ -314,6 +318,13 @@ def register_images(
     transform.meta["mirrored"] = mirrored
     overlay = _overlay(fixed, moving, warp, flow, cfg.overlay_px)
     return RegistrationResult(transform, error, overlay, poor, log)
+
+
+def _with_mask(img: _Image, weight: float) -> np.ndarray:
+    """The feature plus `weight` x the tissue mask: outlines anchor the fit, stain-independent."""
+    if weight <= 0:
+        return img.feature
+    return img.feature + weight * img.mask.astype(np.float32)
 
 
 def _similarity(c_f: np.ndarray, c_m: np.ndarray, angle: float, scale: float) -> np.ndarray:
@@ -363,11 +374,11 @@ def _warp(img: np.ndarray, warp: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, weight: np.ndarray | None = None) -> float:
+    if weight is not None:
+        sel = weight > 0
+        a, b = a[sel], b[sel]
     a = a.astype(np.float64).ravel()
     b = b.astype(np.float64).ravel()
-    if weight is not None:
-        sel = weight.ravel() > 0
-        a, b = a[sel], b[sel]
     if a.size < 10:
         return -1.0
     a = a - a.mean()
@@ -642,8 +653,9 @@ def _error_estimate(
     h, w = both.shape
     criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-4)
     shifts, failed = [], 0
-    for y in range(0, h - block + 1, block // 2):
-        for x in range(0, w - block + 1, block // 2):
+    stride = max(block // 2, math.ceil(math.sqrt(h * w / MAX_ERROR_BLOCKS)))
+    for y in range(0, h - block + 1, stride):
+        for x in range(0, w - block + 1, stride):
             if both[y : y + block, x : x + block].mean() < 0.6:
                 continue
             a = np.ascontiguousarray(fixed.feature[y : y + block, x : x + block])

@@ -38,16 +38,19 @@ def decode_metadata(props: dict[str, str], path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("markers", "tile_px", "mpp") if k not in props]
     if missing:
         raise ModelError(f"{path}: not a histocsc model, metadata lacks {', '.join(missing)}")
-    out: dict[str, Any] = {
-        "markers": json.loads(props["markers"]),
-        "tile_px": int(props["tile_px"]),
-        "mpp": float(props["mpp"]),
-        "thresholds": json.loads(props.get("thresholds", "{}")),
-        "histocsc_version": props.get("histocsc_version", ""),
-        "training_summary": json.loads(props.get("training_summary", "{}")),
-        "backbone": props.get("backbone", ""),
-        "precision": props.get("precision", "fp32"),
-    }
+    try:
+        out: dict[str, Any] = {
+            "markers": [str(m) for m in json.loads(props["markers"])],
+            "tile_px": int(props["tile_px"]),
+            "mpp": float(props["mpp"]),
+            "thresholds": dict(json.loads(props.get("thresholds", "{}"))),
+            "histocsc_version": props.get("histocsc_version", ""),
+            "training_summary": json.loads(props.get("training_summary", "{}")),
+            "backbone": props.get("backbone", ""),
+            "precision": props.get("precision", "fp32"),
+        }
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: malformed histocsc metadata ({exc})") from exc
     for m in out["markers"]:
         out["thresholds"].setdefault(m, 0.5)
     return out

@@ -43,7 +43,7 @@ GLASS_OD = np.array([0.050, 0.056, 0.046], np.float32)
 HEMATOXYLIN = np.array([0.60, 0.78, 0.30], np.float32)  # H&E (Harris, purple-blue)
 EOSIN = np.array([0.09, 0.88, 0.42], np.float32)
 RED_CELL = np.array([0.05, 1.0, 0.75], np.float32)
-IHC_HEMATOXYLIN = np.array([0.70, 0.62, 0.30], np.float32)  # Mayer's, bluer
+IHC_HEMATOXYLIN = np.array([0.76, 0.56, 0.26], np.float32)  # Mayer's, bluer
 DAB = np.array([0.22, 0.50, 0.84], np.float32)
 PEN = np.array([0.85, 0.25, 0.65], np.float32)  # green marker ink
 
@@ -188,7 +188,13 @@ class SectionRenderer:
         fib = lattice_noise(along, across, seed + 22)
         fib = 0.6 * fib + 0.4 * lattice_noise(along * 2.3, across * 1.7, seed + 23)
         fine = lattice_noise(u / (1.3 * um), v / (1.3 * um), seed + 24)
-        coarse = fractal_noise(u, v, 120 * um, seed + 25, 2)
+        # Smooth variations (>= 120 um) are computed every 8 px and interpolated.
+        us, vs = u[::8, ::8], v[::8, ::8]
+        smooth = np.stack([fractal_noise(us, vs, 120 * um, seed + 25, 2),
+                           fractal_noise(us, vs, 500 * um, seed + 26, 2),
+                           fractal_noise(us, vs, 500 * um, seed + 27, 2)], -1)
+        smooth = cv2.resize(smooth, (W, H), interpolation=cv2.INTER_LINEAR)
+        coarse, h_var, e_var = smooth[..., 0], smooth[..., 1], smooth[..., 2]
 
         nuc, cyto, memb, rbc = self._draw_cells(u, v, X0, Y0, W, H)
         nuc_mask = np.clip(nuc * 3.0, 0, 1)
@@ -203,14 +209,14 @@ class SectionRenderer:
             fold = np.clip(f[..., lay.channel("fold")] / (3 * um), 0, 1)
             gain = 1.0 + 0.75 * fold
             # Uneven staining across the slide, so that darkness alone is not a class cue.
-            h_gain = gain * (0.65 + 0.7 * fractal_noise(u, v, 500 * um, seed + 26, 2))
-            e_gain = gain * (0.75 + 0.5 * fractal_noise(u, v, 500 * um, seed + 27, 2))
+            h_gain = gain * (0.65 + 0.7 * h_var)
+            e_gain = gain * (0.75 + 0.5 * e_var)
             out = (hx * h_gain)[..., None] * self.v_h + (e * e_gain)[..., None] * self.v_e
             out += (rbc * 1.1)[..., None] * _unit(RED_CELL)
         else:
-            hx = 0.07 + 0.12 * (1 - nest) * fib + 0.07 * cyto + 0.5 * nuc_od + 0.08 * wall
-            dab = 0.04 + 0.05 * coarse + 0.02 * nest  # weak non-specific background
-            dab = dab + memb * (1.1 + 0.6 * coarse)
+            hx = 0.07 + 0.12 * (1 - nest) * fib + 0.07 * cyto + 0.42 * nuc_od + 0.08 * wall
+            dab = 0.03 + 0.04 * coarse + 0.02 * nest  # weak non-specific background
+            dab = dab + memb * (1.5 + 0.8 * coarse)
             dab *= 1.0 - 0.6 * nuc_mask
             dab += 0.2 * rbc
             out = hx[..., None] * self.v_hi + dab[..., None] * self.v_d
@@ -269,7 +275,7 @@ class SectionRenderer:
                 cv2.ellipse(cyto, c, axes, a, 0, 360, 170, 1, aa, SHIFT)
                 if pos[i] > 0:
                     val = int(255 * pos[i])
-                    cv2.ellipse(memb, c, axes, a, 0, 360, int(val * 0.55), -1, aa, SHIFT)
+                    cv2.ellipse(memb, c, axes, a, 0, 360, int(val * 0.8), -1, aa, SHIFT)
                     cv2.ellipse(memb, c, axes, a, 0, 360, val, memb_t, aa, SHIFT)
         for i in order:
             k = kinds[i]
@@ -282,7 +288,7 @@ class SectionRenderer:
             cv2.ellipse(nuc, c, axes, a, 0, 360, val, -1, aa, SHIFT)
             if k == TUMOUR:  # vesicular: paler centre, nucleolus
                 inner = (int(rx[i] * 0.62 * sc), int(ry[i] * 0.62 * sc))
-                cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.55), -1, aa, SHIFT)
+                cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.8), -1, aa, SHIFT)
                 if cells[i, RAND] < 0.5:
                     cv2.circle(nuc, c, int(0.8 * um * sc), val, -1, aa, SHIFT)
             elif k == STEM and cells[i, RAND] < 0.5:

@@ -64,7 +64,8 @@ THUMB_PNG = "thumbnail.png"
 MAX_RUN = 24  # neighbouring tiles read as one region
 TILE_CACHE_BYTES = 512 * 2**20  # at most this much of decoded TIFF tiles kept per reader
 CACHE_BYTES = 256 * 2**20  # OpenSlide tile cache per reader: two rows of JPEG tiles of a big slide
-OVERVIEW_MAX_PX = 2048  # long side of thumbnail.png
+OVERVIEW_MAX_PX = 2048  # long side of thumbnail.png, at most ...
+OVERVIEW_MIN_PX = 1024  # ... and at least (unless the slide itself is smaller)
 Advance = Callable[[int], None]
 
 
@@ -174,6 +175,11 @@ def prepare_slide(
         thumb = slide.thumbnail(cfg.tissue.mpp)
         mask = tissue_mask(thumb, cfg.tissue.mpp, cfg.tissue)
         grid = make_grid(slide, cfg, mask=mask, checksum=checksum)
+        # a small slide gets a finer overview picture (cheap: it is small)
+        side_um = max(slide.dimensions) * slide.mpp
+        overview_mpp = max(slide.mpp, side_um / OVERVIEW_MIN_PX)
+        if overview_mpp < cfg.tissue.mpp:
+            thumb = slide.thumbnail(overview_mpp)
     with atomic_path(task.out_dir / MASK_PNG) as tmp:
         Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
     with atomic_path(task.out_dir / THUMB_PNG) as tmp:
@@ -285,11 +291,11 @@ class TiffLevel0:
 class TileReader:
     """Reads runs of neighbouring tiles of one slide, fast.
 
-    When the tiles need no resizing (tile size at level 0 equals tile_px, as when the slide is
-    already at the tile mpp) and OpenSlide reads the file, one OpenSlide read per run fills a
-    reused buffer that OpenCV copies out tile by tile, and a large tile cache keeps each JPEG tile
-    decoded once while rows of tiles cross it. Otherwise `Slide.read` picks the level and
-    resizes with an area filter.
+    Level 0 of Aperio SVS and generic tiled TIFFs is decoded directly (`TiffLevel0`); other
+    OpenSlide formats are read with one OpenSlide call per run into a reused buffer, with a large
+    tile cache. Tiles whose mpp is not a level's mpp are resized with an area filter (from level
+    0 when that is the level `Slide.read` would pick, else through `Slide.read`). Plain images go
+    through `Slide.read`.
     """
 
     def __init__(self, path: Path, slide_mpp: float | None) -> None:
@@ -336,6 +342,14 @@ class TileReader:
                 else:
                     cv2.cvtColor(tile, code, dst=tiles[k])
             yield i, tiles
+
+    def close(self) -> None:
+        """Release the file handles."""
+        if self.tiff is not None:
+            self.tiff.close()
+        if self.osr is not None:
+            self.osr.close()
+        self.slide.close()
 
     def _tile_buffer(self, n: int, tile_px: int) -> np.ndarray:
         if self._tiles.shape[1:] != (tile_px, tile_px, 3) or len(self._tiles) < n:
@@ -399,9 +413,16 @@ def _reader(path: Path, slide_mpp: float | None) -> TileReader:
     """One reader per process and file, reused across chunks (keeps the tile cache warm)."""
     key = (str(path), slide_mpp)
     if key not in _READERS:
-        _READERS.clear()  # one slide at a time per process: release the previous one's cache
+        close_readers()  # one slide at a time per process: free the previous one
         _READERS[key] = TileReader(path, slide_mpp)
     return _READERS[key]
+
+
+def close_readers() -> None:
+    """Close this process's cached slide readers."""
+    for reader in _READERS.values():
+        reader.close()
+    _READERS.clear()
 
 
 def _runs(boxes: np.ndarray, max_run: int) -> Iterator[tuple[int, int]]:
@@ -541,7 +562,8 @@ def tile_slides(
         else:
             todo.append(task)
     bar = progress or _no_progress
-    with _executor(min(workers, max(1, os.cpu_count() or 1))) as pool:
+    processes = min(workers, max(1, os.cpu_count() or 1)) if todo else 1
+    with _executor(processes) as pool:
         prepared: dict[SlideTask, tuple[TileGrid, Path | None]] = {}
         with bar("tissue", len(todo), "slides") as advance:
             jobs = {t: (t, cfg, save_images) for t in todo}
@@ -554,6 +576,7 @@ def tile_slides(
         try:
             _fill_stores(pool, prepared, results, workers, bar)
         finally:
+            close_readers()  # those of this process (workers=1); pool workers exit with theirs
             for _, tmp in prepared.values():
                 if tmp is not None and tmp.exists():
                     tmp.unlink()

@@ -95,9 +95,10 @@ def ink_mask(rgb: np.ndarray, colors: list[str] | tuple[str, ...]) -> np.ndarray
     r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
     out = np.zeros(rgb.shape[:2], bool)
     if "red" in colors:
-        # eosin keeps blue well above green; red ink has blue close to green
+        # eosin keeps blue well above green; red ink has blue close to green; brown (DAB,
+        # pigment: blue well below green, hue > ~15 deg) is not red ink
         redness = (b - g) / np.maximum(r - g, 1)
-        reddish = (r - g > 10) & (sat > 0.1)
+        reddish = (r - g > 10) & (sat > 0.1) & (redness > -0.25)
         out |= reddish & (redness < 0.22)
         out |= reddish & (val < 0.5) & (sat > 0.3) & (redness < 0.4)  # dark, dense red ink
     if "green" in colors:
