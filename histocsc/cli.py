@@ -150,10 +150,10 @@ def register_command(
     moving: Annotated[Path, typer.Argument(help="Moving slide (the IHC section).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for transform.json + overlay.png.")],
     mpp_fixed: Annotated[
-        float | None, typer.Option("--mpp-fixed", help="µm/px of the fixed slide if unrecorded.")
+        float | None, typer.Option("--mpp-fixed", help="µm/px of the fixed slide (overrides).")
     ] = None,
     mpp_moving: Annotated[
-        float | None, typer.Option("--mpp-moving", help="µm/px of the moving slide if unrecorded.")
+        float | None, typer.Option("--mpp-moving", help="µm/px of the moving slide (overrides).")
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML (see configs/register.yaml).")
@@ -292,6 +292,8 @@ def train_command(
         values["data.root"] = str(data)
     cfg = load_train_config(config, values)
     result = train(cfg, run_dir=out, resume=resume)
+    if result.global_rank != 0:  # one report per run, not one per process
+        return
     best = f"{result.best_checkpoint} (val AUROC mean {result.best_score:.3f})"
     typer.echo(f"best checkpoint: {best}")
     for marker, row in result.test.items():

@@ -158,6 +158,37 @@ def test_resume_continues_epochs(cohort: Path, tmp_path: Path) -> None:
     with (tmp_path / "run" / "logs" / "metrics.csv").open() as f:
         epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val/auroc_mean")}
     assert epochs == {"0", "1"}
+    model, meta = load_trained(last)  # a .ckpt file works as well as a run folder
+    assert meta["summary"]["epoch"] == 1 and meta["markers"] == MARKERS
+
+
+def test_load_trained_rejects_what_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="checkpoint not found"):
+        load_trained(tmp_path / "missing.ckpt")
+    with pytest.raises(ModelError, match="no checkpoints/best.ckpt"):
+        load_trained(tmp_path)
+    import torch
+
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ModelError, match="not a histocsc training checkpoint"):
+        load_trained(tmp_path / "other.ckpt")
+
+
+def test_pretrained_weights_come_from_a_local_file(tmp_path: Path) -> None:
+    import torch
+
+    from histocsc.learn.model import TinyCNN, build_model
+
+    source = TinyCNN(1000)  # e.g. an ImageNet-style head: replaced, the body is kept
+    torch.save(source.state_dict(), tmp_path / "tiny.pth")
+    model = build_model("tiny", 2, tmp_path / "tiny.pth")
+    assert model.fc.out_features == 2
+    assert torch.equal(model.features[0].weight, source.features[0].weight)
+    with pytest.raises(ModelError, match="do not fit backbone 'resnet18'"):
+        build_model("resnet18", 2, tmp_path / "tiny.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="junk.pth: not a readable"):
+        build_model("tiny", 2, tmp_path / "junk.pth")
 
 
 def test_unknown_backbone_is_a_config_error(cohort: Path, tmp_path: Path) -> None:
@@ -256,3 +287,39 @@ def test_failed_registration_qc_masks_that_marker(cohort: Path, tmp_path: Path) 
     assert summary["skipped_cases"] == ["case1: registration QC failed"]
     case0 = dm.cases["train"][0]
     assert (case0.labels[:, 0] == -1).all() and (case0.labels[:, 1] >= 0).any()
+
+
+def test_cli_trains_and_reports_bad_config_in_one_line(cohort: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histocsc.cli import app
+
+    config = str(Path(__file__).parents[1] / "configs" / "train-ci.yaml")
+    runner = CliRunner()
+    bad = runner.invoke(
+        app,
+        ["train", "--config", config, "--data", str(cohort), "--set", "model.backbone=resnet9000"],
+    )
+    assert bad.exit_code == 1
+    assert "error:" in bad.output and "unknown backbone 'resnet9000'" in bad.output
+    assert "Traceback" not in bad.output
+    out = tmp_path / "run"
+    ok = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            config,
+            "--data",
+            str(cohort),
+            "--out",
+            str(out),
+            "--set",
+            "trainer.max_epochs=1",
+            "--set",
+            "trainer.progress_bar=false",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "test CD133: AUROC" in ok.output
+    assert (out / "checkpoints" / "best.ckpt").is_file()

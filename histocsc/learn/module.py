@@ -111,6 +111,7 @@ class TileClassifier(L.LightningModule):
         self.test_metrics = MarkerMetrics(markers)
         self.thresholds = {m: 0.5 for m in markers}
         self.last_val: dict[str, dict[str, float]] = {}
+        self.val_epoch = -1  # the epoch whose validation gave last_val and thresholds
         self.test_results: dict[str, dict[str, float]] = {}
         self.data_summary = data_summary or {}
 
@@ -167,9 +168,11 @@ class TileClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         results = self.val_metrics.compute()
         self.val_metrics.reset()
-        self.last_val = results
-        self.thresholds = {m: r["threshold"] for m, r in results.items()}
         self._log_metrics("val", results)
+        if not self.trainer.sanity_checking:
+            self.last_val = results
+            self.val_epoch = int(self.current_epoch)
+            self.thresholds = {m: r["threshold"] for m, r in results.items()}
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute()
@@ -215,7 +218,7 @@ class TileClassifier(L.LightningModule):
             "std": [float(v) for v in hp.std],
             "thresholds": dict(self.thresholds),
             "summary": {
-                "epoch": int(self.current_epoch),
+                "epoch": self.val_epoch,  # of the validation metrics and thresholds below
                 "global_step": int(self.global_step),
                 "val": self.last_val,
                 "data": self.data_summary,
@@ -228,3 +231,6 @@ class TileClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(META_KEY) or {}
         self.thresholds = dict(meta.get("thresholds") or self.thresholds)
+        summary = meta.get("summary") or {}
+        self.last_val = summary.get("val") or self.last_val
+        self.val_epoch = int(summary.get("epoch", self.val_epoch))

@@ -108,6 +108,7 @@ class TrainResult:
     test: dict[str, dict[str, float]]
     thresholds: dict[str, float]
     epochs: int
+    global_rank: int = 0
 
 
 class ImagesPerSecond(Callback):
@@ -323,6 +324,8 @@ def train(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        # per-marker metrics are computed from all ranks' predictions already
+        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
         except RuntimeError as exc:
@@ -349,6 +352,7 @@ def train(
         test=test_results,
         thresholds=best_meta.get("thresholds", {}),
         epochs=int(trainer.current_epoch),
+        global_rank=int(trainer.global_rank),
     )
     if trainer.is_global_zero:
         extra = {"summary": {"test": test_results, "run_dir": str(run_dir)}}

@@ -69,7 +69,7 @@ class CellSource:
         self.seed = int(seed)
         self.um = 1.0 / layout.mpp
         self.bin_px = BIN_UM * self.um
-        self._bin = lru_cache(maxsize=4096)(self._make_bin)
+        self._bin = lru_cache(maxsize=1024)(self._make_bin)
         self._vessel = lru_cache(maxsize=1024)(self._make_vessel)
 
     def cells_in(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:

@@ -34,7 +34,7 @@ from histocsc.synthetic.layout import Layout
 from histocsc.synthetic.noise import fractal_noise, hash01, lattice_noise, smooth_field
 from histocsc.synthetic.transform import SectionTransform
 
-NOISE_TILE = 1024  # period of the per-pixel noise pattern (blocks must be smaller)
+NOISE_TILE = 768  # period of the per-pixel noise pattern (blocks must be smaller)
 PAD = 4  # px rendered around a block so blurs do not see its edge
 SHIFT = 4  # sub-pixel bits for cv2 drawing
 NUC_SCALE = 2.2  # nucleus layer value 255 means this hematoxylin OD
@@ -83,9 +83,10 @@ class SectionRenderer:
         gh, gw = layout.fields["tissue"].shape
         shade = 1.0 + 0.08 * smooth_field(rng, (gh, gw), 500 * layout.mpp / layout.ds)
         self._glass = (255.0 * np.exp(-shade[..., None] * GLASS_OD)).astype(np.float32)
-        iy, ix = np.mgrid[0:NOISE_TILE, 0:NOISE_TILE]
+        iy, ix = np.mgrid[0 : NOISE_TILE * 3, 0:NOISE_TILE]
         noise = (2.2 * (hash01(ix, iy, section.seed + 3) - 0.5)).astype(np.float32)
-        self._noise = np.pad(noise, ((0, NOISE_TILE), (0, NOISE_TILE)), mode="wrap")
+        noise = np.ascontiguousarray(noise.reshape(3, NOISE_TILE, NOISE_TILE).transpose(1, 2, 0))
+        self._noise = np.pad(noise, ((0, NOISE_TILE), (0, NOISE_TILE), (0, 0)), mode="wrap")
         n = int(rng.integers(4, 10))
         um = 1.0 / layout.mpp
         self._ihc_dust = np.stack([rng.uniform(0, layout.width, n),
@@ -122,9 +123,8 @@ class SectionRenderer:
         px, py = np.meshgrid(np.arange(X0, X0 + W, dtype=np.float32) + 0.5,
                              np.arange(Y0, Y0 + H, dtype=np.float32) + 0.5)
         rgb = lay.sample_one(self._glass, px, py)
-        od = None
+        od: list[np.ndarray] | None = None  # optical density, one (H, W) array per channel
         if not self._blank(X0, Y0, W, H):
-            od = np.zeros((H, W, 3), np.float32)
             if sec.transform is None:
                 u, v = px, py
             else:
@@ -132,15 +132,15 @@ class SectionRenderer:
             f = lay.sample(u, v)
             tissue = f[..., lay.channel("tissue")]
             if tissue.max() > -0.02:
-                od += self._tissue(f, u, v, X0, Y0, W, H, tissue)
+                od = self._tissue(f, u, v, X0, Y0, W, H, tissue)
             if sec.kind == "he":
                 od = self._pen(od, f, px, py)
         dust, bubbles = (lay.dust, lay.bubbles) if sec.kind == "he" else (self._ihc_dust, ())
         od = self._specks(od, px, py, dust, bubbles)
         if od is not None:
-            rgb *= np.exp(-od)
+            rgb *= cv2.exp(-cv2.merge(od))
         ny, nx = Y0 % NOISE_TILE, X0 % NOISE_TILE
-        rgb += self._noise[ny : ny + H, nx : nx + W, None]
+        rgb += self._noise[ny : ny + H, nx : nx + W]
         rgb = cv2.convertScaleAbs(rgb)  # rounds and saturates to uint8
         return rgb[PAD : PAD + h, PAD : PAD + w]
 
@@ -163,7 +163,7 @@ class SectionRenderer:
         return t is not None or lay.fields["pen"][i0:i1, j0:j1].max() < 0
 
     def _tissue(self, f: np.ndarray, u: np.ndarray, v: np.ndarray, X0: int, Y0: int,
-                W: int, H: int, tissue: np.ndarray) -> np.ndarray:
+                W: int, H: int, tissue: np.ndarray) -> list[np.ndarray]:
         lay, sec, um = self.layout, self.section, 1.0 / self.layout.mpp
         he = sec.kind == "he"
         seed = sec.seed
@@ -200,7 +200,7 @@ class SectionRenderer:
         nuc_mask = np.clip(nuc * 3.0, 0, 1)
         nuc_od = nuc * (0.72 + 0.56 * fine)
 
-        stroma_e = np.where(fib > 0.42, 0.28 + 0.75 * (fib - 0.42), 0.10 + 0.4 * fib)
+        stroma_e = 0.10 + 0.4 * fib + 0.4 * np.maximum(fib - 0.42, 0)
         if he:
             e = (1 - nest) * stroma_e + nest * (0.16 + 0.08 * fine)
             e = e * (1 - 0.55 * lymph) + 0.06 * lymph
@@ -211,16 +211,20 @@ class SectionRenderer:
             # Uneven staining across the slide, so that darkness alone is not a class cue.
             h_gain = gain * (0.65 + 0.7 * h_var)
             e_gain = gain * (0.75 + 0.5 * e_var)
-            out = (hx * h_gain)[..., None] * self.v_h + (e * e_gain)[..., None] * self.v_e
-            out += (rbc * 1.1)[..., None] * _unit(RED_CELL)
+            hx *= h_gain
+            e *= e_gain
+            rbc *= 1.1
+            terms = [(hx, self.v_h), (e, self.v_e), (rbc, _unit(RED_CELL))]
         else:
             hx = 0.07 + 0.12 * (1 - nest) * fib + 0.07 * cyto + 0.42 * nuc_od + 0.08 * wall
             dab = 0.03 + 0.04 * coarse + 0.02 * nest  # weak non-specific background
             dab = dab + memb * (1.5 + 0.8 * coarse)
             dab *= 1.0 - 0.6 * nuc_mask
             dab += 0.2 * rbc
-            out = hx[..., None] * self.v_hi + dab[..., None] * self.v_d
-        return out * alpha[..., None]
+            terms = [(hx, self.v_hi), (dab, self.v_d)]
+        for layer, _ in terms:
+            layer *= alpha
+        return [sum(layer * float(vec[c]) for layer, vec in terms) for c in range(3)]
 
     def _draw_cells(self, u: np.ndarray, v: np.ndarray, X0: int, Y0: int, W: int, H: int):
         """Nucleus OD, cytoplasm, DAB (IHC) and red-cell layers, float32 (H, W)."""
@@ -233,8 +237,7 @@ class SectionRenderer:
         rbc = np.zeros((H, W), np.uint8)
         memb = np.zeros((H, W), np.uint8)
         if not len(cells):
-            z = np.zeros((H, W), np.float32)
-            return z, z, z, z
+            return tuple(np.zeros((H, W), np.float32) for _ in range(4))
         centres = cells[:, [CX, CY]]
         rx, ry, ang = cells[:, RX].copy(), cells[:, RY].copy(), cells[:, ANGLE].copy()
         pos = np.zeros(len(cells))
@@ -288,7 +291,7 @@ class SectionRenderer:
             cv2.ellipse(nuc, c, axes, a, 0, 360, val, -1, aa, SHIFT)
             if k == TUMOUR:  # vesicular: paler centre, nucleolus
                 inner = (int(rx[i] * 0.62 * sc), int(ry[i] * 0.62 * sc))
-                cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.8), -1, aa, SHIFT)
+                cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.55), -1, aa, SHIFT)
                 if cells[i, RAND] < 0.5:
                     cv2.circle(nuc, c, int(0.8 * um * sc), val, -1, aa, SHIFT)
             elif k == STEM and cells[i, RAND] < 0.5:
@@ -298,36 +301,43 @@ class SectionRenderer:
         return (nuc.astype(np.float32) * scale, cyto.astype(np.float32) / 255.0,
                 memb.astype(np.float32) / 255.0, rbc.astype(np.float32) / 255.0)
 
-    def _pen(self, od: np.ndarray, f: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    def _pen(self, od: list[np.ndarray] | None, f: np.ndarray, px: np.ndarray,
+             py: np.ndarray) -> list[np.ndarray] | None:
         lay, um = self.layout, 1.0 / self.layout.mpp
         pen = f[..., lay.channel("pen")]
         if pen.max() > -2 * um:
             a = np.clip(pen / (4 * um) + 0.5, 0, 1)
-            streak = 0.75 + 0.5 * lattice_noise(px / (30 * um), py / (4 * um), 91)
-            od += (a * streak * 0.9)[..., None] * PEN
+            a *= 0.9 * (0.75 + 0.5 * lattice_noise(px / (30 * um), py / (4 * um), 91))
+            od = _add(od, a, PEN)
         return od
 
     @staticmethod
-    def _specks(od: np.ndarray | None, px: np.ndarray, py: np.ndarray, dust: np.ndarray,
-                bubbles: np.ndarray) -> np.ndarray | None:
+    def _specks(od: list[np.ndarray] | None, px: np.ndarray, py: np.ndarray, dust: np.ndarray,
+                bubbles: np.ndarray) -> list[np.ndarray] | None:
         """Dust specks and air-bubble rims (on the slide plane, over everything)."""
         x0, x1, y0, y1 = px[0, 0], px[0, -1], py[0, 0], py[-1, 0]
         for cx, cy, r in dust:
             if cx + r < x0 or cx - r > x1 or cy + r < y0 or cy - r > y1:
                 continue
-            d = np.hypot(px - cx, py - cy) / r
-            if od is None:
-                od = np.zeros(px.shape + (3,), np.float32)
-            od += (np.clip(1.2 - d, 0, 1) * 1.4)[..., None]
+            d = np.hypot(px - cx, py - cy) / np.float32(r)
+            od = _add(od, np.clip(1.2 - d, 0, 1) * 1.4, (1.0, 1.0, 1.0))
         for cx, cy, r in bubbles:
             if cx + r + 12 < x0 or cx - r - 12 > x1 or cy + r + 12 < y0 or cy - r - 12 > y1:
                 continue
             d = np.hypot(px - cx, py - cy)
-            if od is None:
-                od = np.zeros(px.shape + (3,), np.float32)
             rim = np.exp(-(((d - r) / 3.0) ** 2)) * 0.55 + np.exp(-(((d - r + 7) / 2.0) ** 2)) * 0.2
             inside = (d < r).astype(np.float32)
-            od *= (1.0 - 0.25 * inside)[..., None]
-            od -= (0.012 * inside)[..., None]  # a bubble looks a little brighter than the glass
-            od += rim[..., None]
+            if od is None:
+                od = [np.zeros(px.shape, np.float32) for _ in range(3)]
+            # A bubble looks a little brighter than the glass, with a dark rim.
+            od = [ch * (1.0 - 0.25 * inside) - 0.012 * inside + rim for ch in od]
         return od
+
+
+def _add(od: list[np.ndarray] | None, weight: np.ndarray, vec) -> list[np.ndarray]:
+    """od + weight * vec, channel by channel (od None means zero)."""
+    if od is None:
+        return [(weight * float(vec[c])).astype(np.float32) for c in range(3)]
+    for c in range(3):
+        od[c] += weight * float(vec[c])
+    return od
