@@ -11,6 +11,7 @@ Row 3: real references: H&E tiles from ../shared/data/real and skimage's real DA
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 from pathlib import Path
 
@@ -112,7 +113,11 @@ def main() -> None:
                  " - row 3: real images for comparison", fontsize=10)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100)
+    # A 256-colour palette keeps the PNG small enough for the repository.
+    img = Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    img.save(args.out, optimize=True)
     print(f"wrote {args.out}")
 
 

@@ -165,7 +165,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a training checkpoint onto the CPU."""
     ckpt = find_checkpoint(path)
     try:
-        data = torch.load(ckpt, map_location="cpu", weights_only=False)
+        data = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{ckpt}: not a readable checkpoint ({exc})") from exc
     if not isinstance(data, dict) or "state_dict" not in data or META_KEY not in data:
@@ -176,9 +176,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Reopen a trained model from a run folder or a .ckpt file.
 
-    Returns the model in eval mode (float NCHW input normalised with meta's mean/std; output
-    is one logit per marker, apply a sigmoid for probabilities) and its metadata: markers,
-    tile_px, mpp, backbone, mean, std, thresholds, summary.
+    Returns the model in eval mode and its metadata. Input: float NCHW RGB scaled to 0-1, then
+    per channel minus meta["mean"] and divided by meta["std"]. Output: one logit per marker
+    (meta["markers"] order; a sigmoid gives probabilities, meta["thresholds"] the cut-offs
+    chosen on validation). Meta keys: markers, tile_px, mpp, backbone, mean, std, thresholds,
+    summary (epoch, val/test metrics, data summary), output ("logits"), checkpoint.
     """
     ckpt_path = find_checkpoint(path)
     data = read_checkpoint(ckpt_path)

@@ -219,7 +219,7 @@ def default_run_dir(cfg: TrainConfig, resume: str | Path | None) -> Path:
 
 def _update_checkpoint(path: Path, update: dict[str, Any]) -> None:
     """Merge `update` into a checkpoint's histocsc metadata (atomically)."""
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = torch.load(path, map_location="cpu", weights_only=True)
     meta = data.setdefault(META_KEY, {})
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(meta.get(key), dict):
@@ -343,7 +343,7 @@ def train(
             test_results = module.test_results
         test_s = time.perf_counter() - test_start
 
-    best_meta = torch.load(best, map_location="cpu", weights_only=False).get(META_KEY, {})
+    best_meta = torch.load(best, map_location="cpu", weights_only=True).get(META_KEY, {})
     result = TrainResult(
         run_dir=run_dir,
         best_checkpoint=best,

@@ -220,7 +220,7 @@ def _figure(thumbnail: np.ndarray, title: str) -> tuple[Any, Any]:
     scale = 10.0 / max(h, w)
     fig, ax = plt.subplots(figsize=(max(4.0, w * scale) + 2.0, max(4.0, h * scale) + 0.6),
                            dpi=max(100, round(max(h, w) / 10)))
-    ax.imshow(thumbnail, interpolation="antialiased")
+    ax.imshow(thumbnail, interpolation="nearest")
     ax.set_title(title, fontsize=10)
     ax.set_axis_off()
     return fig, ax
@@ -230,7 +230,7 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+        fig.savefig(tmp, format="png", bbox_inches="tight", pil_kwargs={"compress_level": 3})
     plt.close(fig)
 
 

@@ -76,6 +76,8 @@ class Layout:
         u = np.asarray(u, np.float32)
         v = np.asarray(v, np.float32)
         shape = u.shape
+        if u.size == 0:
+            return np.zeros(shape + (len(self.names),), np.float32)
         if u.ndim != 2:  # remap wants 2-D maps no wider than 32767
             n = u.size
             cols = 1024

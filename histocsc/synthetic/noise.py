@@ -66,11 +66,6 @@ def fractal_noise(
     return total / np.float32(norm)
 
 
-def pixel_noise(u: np.ndarray, v: np.ndarray, seed: int) -> np.ndarray:
-    """Independent per-pixel noise in [-0.5, 0.5) keyed on the rounded coordinate."""
-    return hash01(np.floor(u).astype(np.int64), np.floor(v).astype(np.int64), seed) - 0.5
-
-
 def smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: float) -> np.ndarray:
     """A random smooth field of unit spread whose features are about `cells` grid cells wide."""
     cells = max(float(cells), 1.0)

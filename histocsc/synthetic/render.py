@@ -197,6 +197,14 @@ class SectionRenderer:
         coarse, h_var, e_var = smooth[..., 0], smooth[..., 1], smooth[..., 2]
 
         nuc, cyto, memb, rbc = self._draw_cells(u, v, X0, Y0, W, H)
+        # Irregular outlines: displace the drawn cells by a smooth field of about 0.5 um.
+        amp = np.float32(0.6 * um)
+        gx, gy = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
+        gx += (lattice_noise(u / (4.5 * um), v / (4.5 * um), seed + 31) - 0.5) * 2 * amp
+        gy += (lattice_noise(u / (4.5 * um), v / (4.5 * um), seed + 32) - 0.5) * 2 * amp
+        nuc, cyto, memb = (cv2.remap(layer, gx, gy, cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REPLICATE)
+                           for layer in (nuc, cyto, memb))
         nuc_mask = np.clip(nuc * 3.0, 0, 1)
         nuc_od = nuc * (0.72 + 0.56 * fine)
 
