@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-WHEELS=(pydantic pydantic-core annotated-types typing-inspection albumentations albucore
+WHEELS=(pydantic pydantic-core annotated-types typing-inspection typing-extensions albumentations albucore
         simsimd stringzilla openslide-python openslide-bin imagecodecs)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
