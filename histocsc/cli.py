@@ -394,6 +394,31 @@ def infer_command(
 # --- demo command (lead) ---
 
 
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = (
+        Path("demo-output")
+    ),
+    cases: Annotated[int, typer.Option(min=3, help="Phantom cases (at least 3).")] = 5,
+    size_px: Annotated[int, typer.Option(help="Phantom slide side in px (at 1 µm/px).")] = 2560,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the whole pipeline on built-in phantom slides and check the heatmaps against truth."""
+    from histocsc.demo import run_demo
+
+    summary = run_demo(out, cases=cases, size_px=size_px, seed=seed, epochs=epochs,
+                       say=typer.echo)
+    typer.echo("")
+    typer.echo(f"test-case AUROC per marker: {summary['test_auroc']}")
+    typer.echo(f"heatmap Dice vs phantom truth: {summary['heatmap_dice_vs_truth']}")
+    typer.echo(f"timings (s): {summary['timings_s']}")
+    for name in summary["outputs"]["heatmaps"]:
+        typer.echo(f"look at: {name}/ (heatmap_*.png, stem_like.png, tiles.geojson for QuPath)")
+    typer.echo(f"summary: {out / 'demo_summary.json'}")
+
+
 def run() -> None:
     """Entry point used by `python -m histocsc`."""
     app(prog_name="histocsc")

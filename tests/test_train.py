@@ -144,16 +144,17 @@ def test_learns_every_marker_on_held_out_phantom_case(phantom: Path, tmp_path: P
         keep = labels[:, j] >= 0
         auroc = binary_auroc(probs[keep, j], torch.from_numpy(labels[keep, j]))
         assert abs(float(auroc) - result.test[marker]["auroc"]) < 1e-4
-    # AUROC >= 0.9 for every marker on the held-out case. The phantom gives every stem-like
-    # region the same H&E morphology, and some regions express only CD44: a tile negative for
-    # one marker but positive for another cannot be told apart on H&E, so it is left out of
-    # that marker's evaluation (for CD44 nothing is left out: CD133 regions are CD44 too).
+    # AUROC >= 0.9 for every marker on the held-out case, over ALL its labelled tiles. The
+    # phantom draws each marker's own H&E signature from that marker's field (CD133: crowded,
+    # large, round, hyperchromatic nuclei; CD44: vesicular nuclei with a prominent nucleolus and
+    # a perinuclear halo), so tiles positive for one marker and negative for the other are
+    # learnable and are kept: no cross-marker tiles are dropped from the evaluation.
+    cd133, cd44 = labels[:, 0], labels[:, 1]
+    assert ((cd44 == 1) & (cd133 == 0)).sum() >= 5, "held-out case lacks CD44-only tiles"
     for j, marker in enumerate(MARKERS):
-        others_positive = (np.delete(labels, j, axis=1) == 1).any(axis=1)
-        keep = (labels[:, j] == 1) | ((labels[:, j] == 0) & ~others_positive)
+        keep = labels[:, j] >= 0
         auroc = float(binary_auroc(probs[keep, j], torch.from_numpy(labels[keep, j])))
         assert auroc >= 0.9, (marker, auroc, result.test)
-    assert result.test["CD44"]["auroc"] >= 0.9, result.test
 
 
 def test_resume_continues_epochs(cohort: Path, tmp_path: Path) -> None:

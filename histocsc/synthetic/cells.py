@@ -16,9 +16,13 @@ from histocsc.synthetic.layout import Layout
 
 STEM, TUMOUR, LYMPH, FIBRO, ENDO, RBC = 1, 2, 3, 4, 5, 6
 BIN_UM = 128.0
-# Columns of a cell table.
-CX, CY, RX, RY, ANGLE, OD, KIND, CYTO, RAND = range(9)
-NCOL = 9
+# Columns of a cell table. SIG holds the cell's marker signatures other than "stem" (which is
+# a cell kind) as bits: HALO, CLEAR.
+CX, CY, RX, RY, ANGLE, OD, KIND, CYTO, RAND, SIG = range(10)
+NCOL = 10
+HALO, CLEAR = 1, 2
+SIG_BITS = {"halo": HALO, "clear": CLEAR}
+SIG_SHOWN = 0.92  # fraction of epithelial cells in a marker region that show its signature
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,12 @@ KINDS = {
 
 def _ramp(f: np.ndarray, width: float = 0.1) -> np.ndarray:
     return np.clip(f / width + 0.5, 0.0, 1.0)
+
+
+def signature_field(layout: Layout, f: np.ndarray, signature: str) -> np.ndarray | None:
+    """Max of the fields (last axis of `f`) of the markers drawn with `signature`, or None."""
+    chans = [layout.channel(m) for m, s in layout.signatures.items() if s == signature]
+    return f[..., chans].max(-1) if chans else None
 
 
 def vessel_distance(layout: Layout, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -107,7 +117,11 @@ class CellSource:
             return np.zeros((0, NCOL))
         f = lay.sample(x.astype(np.float32), y.astype(np.float32))
         tissue, nest = f[:, lay.channel("tissue")], f[:, lay.channel("nest")]
-        stem, lymph = f[:, lay.channel("stem")], f[:, lay.channel("lymph")]
+        # Stem-like cells follow the field of the marker drawn as "stem" (CD133), else, when
+        # no marker is, the stem-like regions themselves.
+        stem = signature_field(lay, f, "stem")
+        stem = f[:, lay.channel("stem")] if stem is None else stem
+        lymph = f[:, lay.channel("lymph")]
         rs, rl, rn = _ramp(stem), _ramp(lymph), _ramp(nest, 0.15)
         p = np.select(
             [kind == STEM, kind == TUMOUR, kind == LYMPH, kind == FIBRO],
@@ -122,7 +136,13 @@ class CellSource:
         ids = lay.vessel_ids_near(x.min(), y.min(), x.max(), y.max())
         if len(ids):
             ok &= vessel_distance(lay, ids, x.astype(np.float32), y.astype(np.float32)) > 1.25
-        x, y, kind = x[ok], y[ok], kind[ok]
+        sig = np.zeros(len(x))
+        epi = (kind == STEM) | (kind == TUMOUR)
+        for name, bit in SIG_BITS.items():
+            field = signature_field(lay, f, name)
+            if field is not None:
+                sig += bit * (epi & (field > 0) & (rng.random(len(x)) < SIG_SHOWN))
+        x, y, kind, sig = x[ok], y[ok], kind[ok], sig[ok]
         n = len(x)
         out = np.zeros((n, NCOL))
         out[:, CX], out[:, CY], out[:, KIND] = x, y, kind
@@ -139,6 +159,7 @@ class CellSource:
             else:
                 out[sel, ANGLE] = rng.uniform(0, 180, m)
         out[:, RAND] = rng.random(n)
+        out[:, SIG] = sig
         return out
 
     def _make_vessel(self, i: int) -> np.ndarray:

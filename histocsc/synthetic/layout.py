@@ -20,6 +20,13 @@ FIELDS = ("tissue", "nest", "stem", "lymph", "fold", "pen")
 # region radius): CD44 is a little broader than CD133. Unknown markers get DEFAULT_BREADTH.
 BREADTH = {"CD133": 0.0, "CD44": 0.3}
 DEFAULT_BREADTH = 0.15
+# The H&E signature each marker's field draws (see cells.py / render.py): "stem" = crowded,
+# larger, rounder, hyperchromatic nuclei with high N:C; "halo" = vesicular nuclei with a
+# prominent nucleolus and a clear perinuclear halo; "clear" = clear cytoplasm with crisp cell
+# borders. CD133 and CD44 take theirs; other markers take the free ones in this order, and
+# markers past the third have no H&E signature (documented in docs/phantom.md).
+SIGNATURES = ("stem", "halo", "clear")
+PREFERRED_SIGNATURE = {"CD133": "stem", "CD44": "halo"}
 STEM_RADIUS_UM = (110.0, 260.0)
 LYMPH_RADIUS_UM = (80.0, 200.0)
 STEM_PER_MM2 = 1.3
@@ -54,6 +61,7 @@ class Layout:
     bubbles: np.ndarray  # (K, 3): cx, cy, r (px), on the H&E slide
     fibre_angle: float  # radians, main stroma fibre direction
     stain: dict[str, float] = field(default_factory=dict)
+    signatures: dict[str, str] = field(default_factory=dict)  # marker -> H&E signature
     _chunks: list[np.ndarray] | None = None
 
     @property
@@ -246,12 +254,15 @@ def make_layout(
         blob = _blob(gx[win], gy[win], reg.x, reg.y, reg.radius,
                      reg.radius * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi), rng, 0.4)
         lymph[win] = np.maximum(lymph[win], blob + ragged[win])
-    nest = np.where(stem > -0.15, np.maximum(nest, 0.5), nest)
+    # Stem-like regions and every marker region (CD44's broader rim too) lie in tumour nests,
+    # so each marker-positive area holds the epithelial cells that carry its signature.
+    reach = np.maximum.reduce([stem, *marker_fields.values()])
+    nest = np.where(reach > -0.15, np.maximum(nest, 0.5), nest)
     nest = np.where(lymph > -0.2, np.minimum(nest, -0.3), nest)
 
     # Vessels / lumina: ellipses in tissue, away from the stem regions' cores.
     n_vessels = int(round(area_mm2 * VESSELS_PER_MM2))
-    ok = inner & (stem < -0.2) & (lymph < -0.1)
+    ok = inner & (reach < -0.2) & (lymph < -0.1)
     cand = np.argwhere(ok)
     vessels = []
     for _ in range(n_vessels * 20):
@@ -304,7 +315,19 @@ def make_layout(
         fields={k: np.ascontiguousarray(v, np.float32) for k, v in fields.items()},
         vessels=vessels_arr, stem_regions=stem_regions, lymph_regions=lymph_regions,
         dust=dust, bubbles=bubbles, fibre_angle=float(rng.uniform(0, np.pi)), stain=stain,
+        signatures=marker_signatures(markers),
     )
+
+
+def marker_signatures(markers: tuple[str, ...]) -> dict[str, str]:
+    """The H&E signature of each marker: CD133 -> stem, CD44 -> halo, others the free ones in
+    SIGNATURES order; markers past the last signature get none (absent from the result)."""
+    out = {m: PREFERRED_SIGNATURE[m] for m in markers if m in PREFERRED_SIGNATURE}
+    free = [s for s in SIGNATURES if s not in out.values()]
+    for m in markers:
+        if m not in out and free:
+            out[m] = free.pop(0)
+    return out
 
 
 def _marker_flags(rng: np.random.Generator, markers: tuple[str, ...], i: int) -> tuple[str, ...]:

@@ -15,9 +15,11 @@ import numpy as np
 
 from histocsc.synthetic.cells import (
     ANGLE,
+    CLEAR,
     CX,
     CY,
     CYTO,
+    HALO,
     KIND,
     LYMPH,
     OD,
@@ -25,6 +27,7 @@ from histocsc.synthetic.cells import (
     RBC,
     RX,
     RY,
+    SIG,
     STEM,
     TUMOUR,
     CellSource,
@@ -196,24 +199,27 @@ class SectionRenderer:
         smooth = cv2.resize(smooth, (W, H), interpolation=cv2.INTER_LINEAR)
         coarse, h_var, e_var = smooth[..., 0], smooth[..., 1], smooth[..., 2]
 
-        nuc, cyto, memb, rbc = self._draw_cells(u, v, X0, Y0, W, H)
+        nuc, cyto, memb, rbc, clear = self._draw_cells(u, v, X0, Y0, W, H)
         # Irregular outlines: displace the drawn cells by a smooth field of about 0.5 um.
         amp = np.float32(0.6 * um)
         gx, gy = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
         gx += (lattice_noise(u / (4.5 * um), v / (4.5 * um), seed + 31) - 0.5) * 2 * amp
         gy += (lattice_noise(u / (4.5 * um), v / (4.5 * um), seed + 32) - 0.5) * 2 * amp
-        nuc, cyto, memb = (cv2.remap(layer, gx, gy, cv2.INTER_LINEAR,
-                                     borderMode=cv2.BORDER_REPLICATE)
-                           for layer in (nuc, cyto, memb))
+        nuc, cyto, memb, clear = (cv2.remap(layer, gx, gy, cv2.INTER_LINEAR,
+                                            borderMode=cv2.BORDER_REPLICATE)
+                                  for layer in (nuc, cyto, memb, clear))
         nuc_mask = np.clip(nuc * 3.0, 0, 1)
+        # Cleared cytoplasm (perinuclear halo, clear cells) keeps little stain but the nucleus.
+        keep = 1.0 - 0.85 * clear * (1.0 - nuc_mask)
         nuc_od = nuc * (0.72 + 0.56 * fine)
 
         stroma_e = 0.10 + 0.4 * fib + 0.4 * np.maximum(fib - 0.42, 0)
         if he:
             e = (1 - nest) * stroma_e + nest * (0.16 + 0.08 * fine)
             e = e * (1 - 0.55 * lymph) + 0.06 * lymph
-            e += cyto * (0.5 + 0.15 * coarse) + 0.55 * wall + 0.2 * nuc_mask
-            hx = 0.03 + 0.04 * nest + (0.04 + 0.2 * coarse) * cyto + nuc_od + 0.05 * lymph
+            e += cyto * (0.5 + 0.15 * coarse) + 0.55 * wall
+            e = e * keep + 0.2 * nuc_mask
+            hx = (0.03 + 0.04 * nest + (0.04 + 0.2 * coarse) * cyto) * keep + nuc_od + 0.05 * lymph
             fold = np.clip(f[..., lay.channel("fold")] / (3 * um), 0, 1)
             gain = 1.0 + 0.75 * fold
             # Uneven staining across the slide, so that darkness alone is not a class cue.
@@ -235,7 +241,8 @@ class SectionRenderer:
         return [sum(layer * float(vec[c]) for layer, vec in terms) for c in range(3)]
 
     def _draw_cells(self, u: np.ndarray, v: np.ndarray, X0: int, Y0: int, W: int, H: int):
-        """Nucleus OD, cytoplasm, DAB (IHC) and red-cell layers, float32 (H, W)."""
+        """Nucleus OD, cytoplasm, DAB (IHC), red-cell and cleared-cytoplasm layers, float32
+        (H, W). Marker signatures (HALO, CLEAR) are drawn on the H&E only."""
         lay, sec, um = self.layout, self.section, 1.0 / self.layout.mpp
         margin = 20 * um
         cells = self.cells.cells_in(float(u.min()) - margin, float(v.min()) - margin,
@@ -244,8 +251,9 @@ class SectionRenderer:
         cyto = np.zeros((H, W), np.uint8)
         rbc = np.zeros((H, W), np.uint8)
         memb = np.zeros((H, W), np.uint8)
+        clear = np.zeros((H, W), np.uint8)
         if not len(cells):
-            return tuple(np.zeros((H, W), np.float32) for _ in range(4))
+            return tuple(np.zeros((H, W), np.float32) for _ in range(5))
         centres = cells[:, [CX, CY]]
         rx, ry, ang = cells[:, RX].copy(), cells[:, RY].copy(), cells[:, ANGLE].copy()
         pos = np.zeros(len(cells))
@@ -267,6 +275,7 @@ class SectionRenderer:
         cx = np.round((mapped[:, 0] - X0 - 0.5) * sc).astype(np.int64)
         cy = np.round((mapped[:, 1] - Y0 - 0.5) * sc).astype(np.int64)
         kinds = cells[:, KIND].astype(int)
+        sigs = cells[:, SIG].astype(int) if sec.kind == "he" else np.zeros(len(cells), int)
         order = np.argsort(kinds == LYMPH, kind="stable")  # lymphocytes over the rest
         aa = cv2.LINE_AA
         memb_t = max(1, int(round(1.5 * um)))
@@ -281,9 +290,18 @@ class SectionRenderer:
             if cells[i, CYTO] > 0:
                 f = cells[i, CYTO]
                 axes = (int(rx[i] * f * sc), int(ry[i] * (0.5 + 0.5 * f) * sc))
-                cv2.ellipse(cyto, c, axes, a, 0, 360, 200 + int(55 * cells[i, RAND]), -1, aa,
-                            SHIFT)
-                cv2.ellipse(cyto, c, axes, a, 0, 360, 170, 1, aa, SHIFT)
+                if sigs[i] & CLEAR:  # clear cytoplasm inside a crisp eosinophilic border
+                    cv2.ellipse(cyto, c, axes, a, 0, 360, 60, -1, aa, SHIFT)
+                    cv2.ellipse(clear, c, axes, a, 0, 360, 200, -1, aa, SHIFT)
+                    cv2.ellipse(cyto, c, axes, a, 0, 360, 255, memb_t, aa, SHIFT)
+                else:
+                    cv2.ellipse(cyto, c, axes, a, 0, 360, 200 + int(55 * cells[i, RAND]), -1,
+                                aa, SHIFT)
+                    cv2.ellipse(cyto, c, axes, a, 0, 360, 170, 1, aa, SHIFT)
+                if sigs[i] & HALO:  # a thin clear ring around the nucleus
+                    hw = (1.2 + 0.6 * cells[i, RAND]) * um
+                    halo = (int((rx[i] + hw) * sc), int((ry[i] + hw) * sc))
+                    cv2.ellipse(clear, c, halo, a, 0, 360, 255, -1, aa, SHIFT)
                 if pos[i] > 0:
                     val = int(255 * pos[i])
                     cv2.ellipse(memb, c, axes, a, 0, 360, int(val * 0.8), -1, aa, SHIFT)
@@ -297,7 +315,13 @@ class SectionRenderer:
             axes = (int(rx[i] * sc), int(ry[i] * sc))
             val = int(min(255, 255 * cells[i, OD] / NUC_SCALE))
             cv2.ellipse(nuc, c, axes, a, 0, 360, val, -1, aa, SHIFT)
-            if k == TUMOUR:  # vesicular: paler centre, nucleolus
+            if sigs[i] & HALO:  # open pale chromatin, dark rim, prominent central nucleolus
+                inner = (int(rx[i] * 0.74 * sc), int(ry[i] * 0.74 * sc))
+                cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.3), -1, aa, SHIFT)
+                off = (int(c[0] + rx[i] * 0.12 * sc), int(c[1] - ry[i] * 0.1 * sc))
+                cv2.circle(nuc, off, int((1.0 + 0.4 * cells[i, RAND]) * um * sc), 255, -1, aa,
+                           SHIFT)
+            elif k == TUMOUR:  # vesicular: paler centre, nucleolus
                 inner = (int(rx[i] * 0.62 * sc), int(ry[i] * 0.62 * sc))
                 cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.55), -1, aa, SHIFT)
                 if cells[i, RAND] < 0.5:
@@ -307,7 +331,8 @@ class SectionRenderer:
                 cv2.circle(nuc, off, int(1.0 * um * sc), 255, -1, aa, SHIFT)
         scale = np.float32(NUC_SCALE / 255.0)
         return (nuc.astype(np.float32) * scale, cyto.astype(np.float32) / 255.0,
-                memb.astype(np.float32) / 255.0, rbc.astype(np.float32) / 255.0)
+                memb.astype(np.float32) / 255.0, rbc.astype(np.float32) / 255.0,
+                clear.astype(np.float32) / 255.0)
 
     def _pen(self, od: list[np.ndarray] | None, f: np.ndarray, px: np.ndarray,
              py: np.ndarray) -> list[np.ndarray] | None:
