@@ -1,9 +1,11 @@
 """Write docs/img/phantom_gallery.png: a phantom case beside real H&E and real IHC.
 
 Row 1: thumbnails of the H&E, each IHC, and the marker masks over the H&E.
-Row 2: level-0 tiles (256 um) of the H&E at a stem-like region, at a lymphoid aggregate (the
-look-alike distractor) and in ordinary tumour/stroma, and of each IHC at the same stem region.
-Row 3: real references: H&E tiles from ../shared/data/real and skimage's real DAB IHC image.
+Row 2: level-0 tiles (256 um) of the H&E at a stem-like region positive for every marker, at a
+region positive for CD44 only (when the case has one), at a lymphoid aggregate (the look-alike
+distractor) and in ordinary tumour/stroma, and of each IHC at the same stem region.
+Row 3: 64 um crops at the centre of the row-2 H&E tiles, enlarged, to show the nuclei.
+Row 4: real references: H&E tiles from ../shared/data/real and skimage's real DAB IHC image.
 
     .venv/bin/python scripts/phantom_gallery.py [--size-px 6144] [--seed 0] [--out PATH]
 """
@@ -82,26 +84,36 @@ def main() -> None:
                        int(r["radius"] * 1.6 / ds), 1, -1)
         iy, ix = np.argwhere(tissue & ~stem_mask)[len(np.argwhere(tissue & ~stem_mask)) // 3]
         spots = [(stem["x"], stem["y"]), (lymph["x"], lymph["y"]), (ix * ds, iy * ds)]
-        row2 = [read(he_path, int(x - t / 2), int(y - t / 2), t) for x, y in spots]
         titles2 = ["H&E stem-like (" + "+".join(stem["markers"]) + ")",
                    "H&E lymphoid (distractor)", "H&E tumour / stroma"]
+        only = [r for r in truth["stem_regions"] if r["markers"] == ["CD44"]]
+        if only:
+            spots.insert(1, (only[0]["x"], only[0]["y"]))
+            titles2.insert(1, "H&E CD44 only (vesicular, halo)")
+        row2 = [read(he_path, int(x - t / 2), int(y - t / 2), t) for x, y in spots]
+        c = int(64 / truth["he"]["mpp"])  # 64 um crops, enlarged
+        crops = [cv2.resize(tile[(t - c) // 2:(t + c) // 2, (t - c) // 2:(t + c) // 2], (t, t),
+                            interpolation=cv2.INTER_NEAREST) for tile in row2]
+        crop_titles = [f"64 um: {title[4:]}" for title in titles2]
         for m in markers:
             cx, cy = he_to_ihc(truth, m, np.array([[stem["x"], stem["y"]]]))[0]
             row2.append(read(truth["markers"][m]["ihc"]["path"], int(cx - t / 2),
                              int(cy - t / 2), t))
             titles2.append(f"IHC {m}, same region")
-    row3, titles3 = [], []
+    row3, titles3 = crops, crop_titles
+    row4, titles4 = [], []
     for name in ("high-nuclei-score-level0", "tissue-level0-4302-10273-4814-10785",
                  "medium-nuclei-score-level0"):
         path = REAL / "he-tiles" / f"{name}.png"
         if path.is_file():
-            row3.append(np.asarray(Image.open(path).convert("RGB"))[:512, :512])
-            titles3.append(f"real H&E: {name[:24]}")
-    row3.append(data.immunohistochemistry())
-    titles3.append("real IHC (skimage, DAB)")
-    cols = max(len(row1), len(row2), len(row3))
-    fig, axes = plt.subplots(3, cols, figsize=(3.2 * cols, 10))
-    for r, (row, titles) in enumerate([(row1, titles1), (row2, titles2), (row3, titles3)]):
+            row4.append(np.asarray(Image.open(path).convert("RGB"))[:512, :512])
+            titles4.append(f"real H&E: {name[:24]}")
+    row4.append(data.immunohistochemistry())
+    titles4.append("real IHC (skimage, DAB)")
+    rows = [(row1, titles1), (row2, titles2), (row3, titles3), (row4, titles4)]
+    cols = max(len(row) for row, _ in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 13.5))
+    for r, (row, titles) in enumerate(rows):
         for c in range(cols):
             ax = axes[r, c]
             ax.axis("off")
@@ -110,8 +122,8 @@ def main() -> None:
                 ax.set_title(titles[c], fontsize=8)
     fig.suptitle(f"histocsc phantom (seed {args.seed}, {args.size_px} px at "
                  f"{truth['he']['mpp']} um/px; tiles {t} px = {t * truth['he']['mpp']:.0f} um)"
-                 " - row 3: real images for comparison", fontsize=10)
-    fig.tight_layout()
+                 " - row 4: real images for comparison", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, dpi=100)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from histocsc.errors import ConfigError
 from histocsc.io import atomic_path, write_json
+from histocsc.synthetic.cells import vessel_distance
 from histocsc.synthetic.layout import Layout, make_layout
 from histocsc.synthetic.render import Section, SectionRenderer
 from histocsc.synthetic.transform import random_transform
@@ -143,7 +144,8 @@ def _fraction(layout: Layout, marker: str) -> float:
 
 def landmark_points(layout: Layout, rng: np.random.Generator,
                     n: int = N_LANDMARKS) -> tuple[np.ndarray, list[str]]:
-    """H&E points on tissue features: lumen centres, stem-region centres, tissue interior."""
+    """H&E points on tissue features: lumen centres, stem-region centres, tissue interior
+    (outside lumina)."""
     pts = [layout.vessels[:, :2]] if len(layout.vessels) else []
     kinds = ["lumen"] * len(layout.vessels)
     stems = np.array([[r.x, r.y] for r in layout.stem_regions]).reshape(-1, 2)
@@ -153,8 +155,13 @@ def landmark_points(layout: Layout, rng: np.random.Generator,
     tissue = layout.fields["tissue"]
     ok = np.argwhere(tissue > 0.15)
     if need and len(ok):
-        pick = ok[rng.choice(len(ok), size=need, replace=len(ok) < need)]
-        pts.append((pick[:, ::-1] + 0.5) * layout.ds)
+        pick = ok[rng.choice(len(ok), size=4 * need, replace=len(ok) < 4 * need)]
+        cand = (pick[:, ::-1] + 0.5) * layout.ds
+        xy = cand.astype(np.float32)
+        ids = np.arange(len(layout.vessels))
+        clear = vessel_distance(layout, ids, xy[:, 0], xy[:, 1]) > 1.4  # not in a lumen
+        cand = np.concatenate([cand[clear], cand[~clear]])[:need]
+        pts.append(cand)
         kinds += ["tissue"] * need
     return np.concatenate(pts).astype(np.float64), kinds
 

@@ -316,8 +316,8 @@ class SectionRenderer:
             val = int(min(255, 255 * cells[i, OD] / NUC_SCALE))
             cv2.ellipse(nuc, c, axes, a, 0, 360, val, -1, aa, SHIFT)
             if sigs[i] & HALO:  # open pale chromatin, dark rim, prominent central nucleolus
-                inner = (int(rx[i] * 0.74 * sc), int(ry[i] * 0.74 * sc))
-                cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.3), -1, aa, SHIFT)
+                inner = (int(rx[i] * 0.8 * sc), int(ry[i] * 0.8 * sc))
+                cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.32), -1, aa, SHIFT)
                 off = (int(c[0] + rx[i] * 0.12 * sc), int(c[1] - ry[i] * 0.1 * sc))
                 cv2.circle(nuc, off, int((1.0 + 0.4 * cells[i, RAND]) * um * sc), 255, -1, aa,
                            SHIFT)
