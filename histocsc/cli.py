@@ -351,7 +351,9 @@ def infer_command(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Tiles per batch.")] = 32,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", min=1, help="Slide-reading threads (default: cores/4 on CPU, cores on GPU)."),
+        typer.Option(
+            "--workers", min=1, help="Slide-reading threads (default: cores/4 on CPU, all on GPU)."
+        ),
     ] = None,
     mpp: Annotated[
         float | None, typer.Option("--mpp", help="Slide pixel size (µm/px) when the file lacks it.")
@@ -389,7 +391,8 @@ def infer_command(
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
                f"{len(report.failed)} failed")
     for path, message in report.failed:
-        typer.secho(f"failed: {path}: {message}", fg=typer.colors.RED, err=True)
+        where = "" if str(path) in message else f"{path}: "
+        typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
     if report.failed:
         raise typer.Exit(1)
 
