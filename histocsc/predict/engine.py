@@ -24,6 +24,7 @@ import numpy as np
 from histocsc.errors import ConfigError, DataError, ModelError
 from histocsc.io import file_checksum, write_json
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
+from histocsc.wsi.extract import TileReader
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
 from histocsc.wsi.slide import Slide, open_slide
 
@@ -146,53 +147,33 @@ class InferOptions:
     min_tissue: float | None = None  # keep tiles with at least this tissue fraction
 
 
-def row_runs(tiles: Tiles, start: int, stop: int, longest: int = 16) -> Iterator[tuple[int, int]]:
-    """(first index, count) of runs of side-by-side tiles in one grid row, read as one region.
-
-    Tiles are merged only when they abut (stride = size) and the tile covers a whole number of
-    output pixels per level-0 pixel, so a run gives exactly the pixels of separate reads.
-    """
-    mergeable = tiles.step == tiles.size and tiles.size % tiles.tile_px == 0
-    i = start
-    while i < stop:
-        n = 1
-        while (mergeable and n < longest and i + n < stop
-               and tiles.y[i + n] == tiles.y[i]
-               and tiles.x[i + n] == tiles.x[i] + n * tiles.size):
-            n += 1
-        yield i, n
-        i += n
-
-
 def read_batches(
     slide_path: Path, slide_mpp: float | None, tiles: Tiles, batch: int, workers: int,
 ) -> Iterator[np.ndarray]:
     """Tile batches (B, tile_px, tile_px, 3) in grid order, read by `workers` threads ahead of
-    the consumer through a bounded queue of futures."""
+    the consumer through a bounded queue of futures. Each thread has its own fast tile reader
+    (the one `histocsc tiles` uses: stored TIFF/SVS tiles decoded directly, runs of neighbours
+    read as one region)."""
     local = threading.local()
-    handles: list[Slide] = []
+    readers: list[TileReader] = []
     lock = threading.Lock()
-    size = (tiles.tile_px, tiles.tile_px)
+    boxes = np.stack([tiles.x, tiles.y, tiles.w, tiles.h], axis=1).astype(np.int64)
 
-    def slide() -> Slide:
-        if not hasattr(local, "slide"):
-            local.slide = open_slide(slide_path, mpp=slide_mpp)
+    def reader() -> TileReader:
+        if not hasattr(local, "reader"):
+            local.reader = TileReader(slide_path, slide_mpp)
             with lock:
-                handles.append(local.slide)
-        return local.slide
+                readers.append(local.reader)
+        return local.reader
 
     def read(start: int) -> np.ndarray:
-        s = slide()
-        stop = min(start + batch, len(tiles.x))
-        out = np.empty((stop - start, *size, 3), np.uint8)
-        for i, n in row_runs(tiles, start, stop):
-            w, h = int(tiles.w[i]), int(tiles.h[i])
-            region = s.read(int(tiles.x[i]), int(tiles.y[i]), w * n, h,
-                            out_size=(size[0] * n, size[1]))
-            out[i - start:i - start + n] = region.reshape(size[1], n, size[0], 3).swapaxes(0, 1)
+        stop = min(start + batch, len(boxes))
+        out = np.empty((stop - start, tiles.tile_px, tiles.tile_px, 3), np.uint8)
+        for i, run in reader().read_runs(boxes[start:stop], tiles.tile_px):
+            out[i:i + len(run)] = run
         return out
 
-    starts = iter(range(0, len(tiles.x), batch))
+    starts = iter(range(0, len(boxes), batch))
     pending: deque[Future[np.ndarray]] = deque()
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="histocsc-read")
     try:
@@ -210,8 +191,8 @@ def read_batches(
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True)
-        for h in handles:
-            h.close()
+        for r in readers:
+            r.close()
 
 
 def make_tiles(slide: Slide, tile_px: int, mpp: float, min_tissue: float | None) -> Tiles:
