@@ -15,9 +15,9 @@ MARKERS = ("CD133", "CD44")
 @pytest.mark.slow
 def test_demo_end_to_end_on_held_out_case(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "histocsc", "demo", "--out", str(out), "--epochs", "6"],
-        capture_output=True, text=True, timeout=1200,
+    result = subprocess.run(  # a relative --out, as `make demo` gives
+        [sys.executable, "-m", "histocsc", "demo", "--out", "demo", "--epochs", "6"],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "demo_summary.json").read_text())
@@ -27,7 +27,7 @@ def test_demo_end_to_end_on_held_out_case(tmp_path: Path) -> None:
         for case, dice in summary["heatmap_dice_vs_truth"].items():
             assert dice[marker] >= 0.7, (case, marker, dice)
     assert summary["onnx_parity_max_abs_diff"] <= 1e-4
-    (heatmaps,) = [Path(p) for p in summary["outputs"]["heatmaps"]]
+    (heatmaps,) = [tmp_path / p for p in summary["outputs"]["heatmaps"]]
     for name in ("heatmap_CD133.png", "heatmap_CD44.png", "heatmap_stem_like.png",
                  "scores.csv", "tiles.geojson", "summary.json", "score_grid.npy"):
         assert (heatmaps / name).is_file(), name

@@ -221,3 +221,16 @@ def test_cli_writes_a_cohort(tmp_path: Path) -> None:
     assert (tmp_path / "cohort.csv").read_text().splitlines()[0] == "case,he,CD44,split"
     truth = load_truth(tmp_path / "case000")
     assert list(truth["markers"]) == ["CD44"]
+
+
+def test_truth_paths_are_absolute_from_a_relative_case_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histocsc.synthetic.generate import make_case
+    from histocsc.synthetic.truth import load_mask, load_truth
+
+    make_case(tmp_path, "rel", 3, size_px=1024, mpp=1.0)
+    monkeypatch.chdir(tmp_path)
+    truth = load_truth(Path("rel"))
+    assert Path(truth["he"]["path"]).is_absolute() and Path(truth["he"]["path"]).is_file()
+    assert load_mask(truth, "CD133").ndim == 2

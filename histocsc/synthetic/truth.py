@@ -31,7 +31,7 @@ def load_truth(case_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: phantom truth file not found")
     try:
         truth = read_json(path)
-        root = path.parent
+        root = path.parent.resolve()
         truth["case_dir"] = str(root)
         truth["he"]["path"] = str(root / truth["he"]["path"])
         if "tissue_mask" in truth:
