@@ -135,20 +135,17 @@ class TileClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(
-            "val/loss", masked_bce(logits, y, self.pos_weight), batch_size=len(x), sync_dist=True
-        )
-        self.val_metrics.update(logits, y)
+        self._eval_step(batch, "val", self.val_metrics)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def _eval_step(self, batch: Any, prefix: str, metrics: Any) -> None:
         x, y = batch
         logits = self(x)
-        self.log(
-            "test/loss", masked_bce(logits, y, self.pos_weight), batch_size=len(x), sync_dist=True
-        )
-        self.test_metrics.update(logits, y)
+        loss = masked_bce(logits, y, self.pos_weight)
+        self.log(f"{prefix}/loss", loss, batch_size=len(x), sync_dist=True)
+        metrics.update(logits, y)
 
     def _log_metrics(self, prefix: str, results: dict[str, dict[str, float]]) -> None:
         aurocs = [r["auroc"] for r in results.values() if not math.isnan(r["auroc"])]
