@@ -26,6 +26,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage on a fresh phantom cohort in `out`; returns (and writes) a summary."""
     from histocsc.config import load_config
+    from histocsc.ihc.cohort import read_cohort
     from histocsc.ihc.labels import LabelConfig
     from histocsc.ihc.registration import RegistrationConfig
     from histocsc.learn.export import export_onnx
@@ -78,9 +79,9 @@ def run_demo(
     lap("export")
 
     say("5/5 infer: heatmaps, scores.csv, tiles.geojson and summary.json for the test case(s)")
-    cohort = read_cohort_rows(Path(cohort_csv))
-    test_cases = [r for r in cohort if r["split"] == "test"] or cohort[-1:]
-    slides = [Path(cohort_csv).parent / r["he"] for r in test_cases]
+    cohort_cases = read_cohort(cohort_csv).cases
+    test_cases = [c for c in cohort_cases if c.split == "test"] or cohort_cases[-1:]
+    slides = [c.he for c in test_cases]
     engine = Engine(out / "model.onnx", device="auto")
     say(engine.describe())
     options = InferOptions(batch=64, workers=cpu_count(), slide_mpp=None)
@@ -92,8 +93,8 @@ def run_demo(
 
         raise HistocscError(f"demo: inference failed: {report.failed}")
 
-    dice = {r["case"]: heatmap_dice(out / "phantom" / r["case"], out / "infer" / Path(r["he"]).stem)
-            for r in test_cases}
+    dice = {c.case: heatmap_dice(out / "phantom" / c.case, out / "infer" / c.he.stem)
+            for c in test_cases}
     summary = {
         "cases": cases,
         "size_px": size_px,
@@ -111,13 +112,6 @@ def run_demo(
     }
     write_json(out / "demo_summary.json", summary)
     return summary
-
-
-def read_cohort_rows(path: Path) -> list[dict[str, str]]:
-    import csv
-
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def heatmap_dice(case_dir: Path, infer_dir: Path) -> dict[str, float]:

@@ -26,17 +26,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use the normal mode
+            os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600; use the normal mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()  # read once: setting it later would race with other threads
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -204,6 +204,7 @@ def test_prepare_is_resumable(cohort: Path, prepared: tuple[Path, list[dict]]) -
     # new label thresholds: labels redone, registration and tiles kept
     cfgs = StageConfigs(tiles=TILES, label=LabelConfig(positive_fraction=0.5))
     relabelled = run_cohort(cohort, out, cfgs, workers=1)
+    assert len(again) == len(relabelled) == 3
     assert not any(r["reused"] for r in relabelled)
     assert transform_file.stat().st_mtime_ns == before
 

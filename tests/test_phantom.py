@@ -91,8 +91,8 @@ def test_truth_json_has_transform_landmarks_and_masks(cohort: Path) -> None:
         mask = load_mask(truth, m)
         assert mask.shape == (SIZE // truth["mask_downsample"],) * 2
         assert 0 < mask.mean() < 0.6
-    # CD44 is broader than CD133 where both are expressed, and the two differ.
-    assert load_mask(truth, "CD44").sum() != load_mask(truth, "CD133").sum()
+    # CD44 is broader than CD133 where both are expressed, so it covers more.
+    assert load_mask(truth, "CD44").sum() > load_mask(truth, "CD133").sum()
 
 
 def test_landmarks_land_on_the_same_tissue_feature(cohort: Path) -> None:
@@ -116,7 +116,8 @@ def test_landmarks_land_on_the_same_tissue_feature(cohort: Path) -> None:
         ihc_t = _tissue(_read(truth["markers"][m]["ihc"]["path"]))
         tissue_pts = [k for k, kind in enumerate(kinds) if kind != "lumen"]
         hits = ihc_t[yi[tissue_pts], xi[tissue_pts]].mean()
-        assert hits > 0.95
+        naive = ihc_t[yh[tissue_pts], xh[tissue_pts]].mean()
+        assert hits > 0.95 and hits > naive
 
 
 def test_tissue_outline_maps_through_the_transform(cohort: Path) -> None:

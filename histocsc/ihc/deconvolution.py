@@ -134,8 +134,12 @@ def dab_od(rgb: np.ndarray, residual_gate: float | None = RESIDUAL_GATE) -> np.n
     residual near 0 or positive, so this keeps an H&E section from looking DAB-positive.
     ``residual_gate=None`` gives the plain DAB channel.
     """
-    stains = named_stains("H-DAB")
-    x = unmix(optical_density(rgb), stains)
+    return dab_od_from_od(optical_density(rgb), residual_gate)
+
+
+def dab_od_from_od(od: np.ndarray, residual_gate: float | None = RESIDUAL_GATE) -> np.ndarray:
+    """`dab_od` from an optical-density image already computed (H, W, 3)."""
+    x = unmix(od, named_stains("H-DAB"))
     dab = np.maximum(x[..., 1], 0)
     if residual_gate is not None:
         dab[x[..., 2] < -residual_gate * dab] = 0

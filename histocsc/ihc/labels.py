@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from histocsc.config import StrictModel
 from histocsc.errors import LabelError
-from histocsc.ihc.deconvolution import dab_od, tissue_mask_od
+from histocsc.ihc.deconvolution import dab_od_from_od, optical_density
 from histocsc.io import atomic_path
 
 PointMap = Callable[[np.ndarray], np.ndarray]
@@ -111,8 +111,9 @@ class MarkerLabels:
 
 def stain_maps(rgb: np.ndarray, cfg: LabelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Tissue and DAB-positive-tissue maps (uint8 0/1) of an IHC RGB image."""
-    tissue = tissue_mask_od(rgb, cfg.tissue_od_threshold)
-    positive = tissue & (dab_od(rgb) > cfg.dab_od_threshold)
+    od = optical_density(rgb)  # once: both maps derive from it
+    tissue = od.sum(axis=-1) > cfg.tissue_od_threshold
+    positive = tissue & (dab_od_from_od(od) > cfg.dab_od_threshold)
     return tissue.astype(np.uint8), positive.astype(np.uint8)
 
 

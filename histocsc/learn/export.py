@@ -108,20 +108,34 @@ def load_tiles(source: str | Path | np.ndarray, tile_px: int, limit: int = 256) 
             arr = np.load(path, mmap_mode="r")
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if path.is_dir() and not files:
-                npys = sorted(path.rglob("tiles.npy"))
-                if npys:
-                    return _sample(np.concatenate([_sample(np.load(p, mmap_mode="r"), limit)
-                                                   for p in npys]), limit)
+            npys = sorted(path.rglob("tiles.npy"))
+            if files:
+                arr = np.stack([_image_tile(p, tile_px) for p in _sample_list(files, limit)])
+            elif npys:
+                arr = np.concatenate([_fit_all(_sample(np.load(p, mmap_mode="r"), limit),
+                                               tile_px, p) for p in npys])
+            else:
                 raise DataError(f"{path}: no images (.png/.jpg/.tif) or tiles.npy found")
-            arr = np.stack([_image_tile(p, tile_px) for p in files[:limit]])
         else:
             raise DataError(f"{path}: calibration/check tiles must be a folder or a .npy file")
+    return np.ascontiguousarray(_fit_all(_sample(arr, limit), tile_px, source))
+
+
+def _fit_all(arr: np.ndarray, tile_px: int, source: object) -> np.ndarray:
+    """Check uint8 (N, H, W, 3) and bring every tile to tile_px."""
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise DataError(f"tiles must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+        where = "" if isinstance(source, np.ndarray) else f"{source}: "
+        raise DataError(f"{where}tiles must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
     if arr.shape[1:3] != (tile_px, tile_px):
-        arr = np.stack([_fit(t, tile_px) for t in arr[:limit]])
-    return np.ascontiguousarray(_sample(arr, limit))
+        arr = np.stack([_fit(t, tile_px) for t in arr])
+    return arr
+
+
+def _sample_list(items: list[Path], limit: int) -> list[Path]:
+    """At most `limit` items spread evenly over the list."""
+    if len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
 def _sample(arr: np.ndarray, limit: int) -> np.ndarray:
@@ -187,10 +201,11 @@ def export_onnx(
     tile_px = int(meta["tile_px"])
     wrapped = TileModel(model, list(meta.get("mean", [0, 0, 0])),
                         list(meta.get("std", [1, 1, 1]))).eval().cpu()
+    calib = load_tiles(calibration, tile_px, limit=256) if calibration is not None else None
     if check_tiles is not None:
         tiles = load_tiles(check_tiles, tile_px, limit=32)
-    elif calibration is not None:
-        tiles = load_tiles(calibration, tile_px, limit=32)
+    elif calib is not None:
+        tiles = _sample(calib, 32)
     else:
         tiles = synthetic_check_tiles(tile_px)
     with torch.no_grad():
@@ -210,7 +225,6 @@ def export_onnx(
     if int8:
         if calibration is None:
             raise DataError("int8 export needs calibration tiles (a folder of images or tiles.npy)")
-        calib = load_tiles(calibration, tile_px, limit=256)
         result.int8 = out.with_name(out.stem + ".int8.onnx")
         quantize_int8(out, result.int8, calib)
         result.int8_max_abs_diff = _max_diff(result.int8, tiles, expected)

@@ -116,6 +116,7 @@ class Engine:
         if [i.name for i in inputs] != ["tiles"]:
             raise ModelError(f"{self.path}: expected one input named 'tiles', "
                              f"got {[i.name for i in inputs]}")
+        self.checksum = file_checksum(self.path)
         self.markers: list[str] = self.meta["markers"]
         self.tile_px: int = self.meta["tile_px"]
         self.mpp: float = self.meta["mpp"]
@@ -133,7 +134,7 @@ class Engine:
 
     def model_info(self) -> dict[str, Any]:
         """What summary.json records about the model."""
-        return {"path": str(self.path.resolve()), "checksum": file_checksum(self.path),
+        return {"path": str(self.path.resolve()), "checksum": self.checksum,
                 **self.meta, "device": self.device, "threads": self.threads}
 
 
@@ -197,9 +198,8 @@ def read_batches(
 
 def make_tiles(slide: Slide, tile_px: int, mpp: float, min_tissue: float | None) -> Tiles:
     """Tissue mask and tile grid at the model's mpp and tile size."""
-    cfg = TilesConfig(tile_px=tile_px, mpp=mpp)
-    if min_tissue is not None:
-        cfg = TilesConfig(tile_px=tile_px, mpp=mpp, min_tissue_fraction=min_tissue)
+    extra = {} if min_tissue is None else {"min_tissue_fraction": min_tissue}
+    cfg = TilesConfig(tile_px=tile_px, mpp=mpp, **extra)
     return tiles_from_grid(make_grid(slide, cfg))
 
 
@@ -258,11 +258,10 @@ def infer_slide(
     timings = {"tissue_and_grid": t1 - t0, "inference": t2 - t1, "onnxruntime": compute,
                "tiles_per_s": len(tiles.x) / (t2 - t1) if t2 > t1 else 0.0}
     summary = write_outputs(out_dir, tiles, probs, thumb, t_mpp, engine.model_info(), slide_info,
-                            timings | {"outputs": 0.0, "total": 0.0})
+                            timings)
     t3 = time.perf_counter()
     timings |= {"outputs": t3 - t2, "total": t3 - t0}
-    summary["timings_s"] = timings
-    write_json(out_dir / SUMMARY, summary)
+    write_json(out_dir / SUMMARY, summary)  # last: its presence marks the slide finished
     return summary
 
 

@@ -76,7 +76,8 @@ def write_outputs(
     slide_info: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """Write every output of one slide into `out_dir`; returns the summary (also written)."""
+    """Write every output of one slide into `out_dir` but summary.json, whose content it returns
+    (the caller writes it last, as the mark of a finished slide)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     markers: list[str] = list(model["markers"])
     thresholds = {m: float(model["thresholds"].get(m, 0.5)) for m in markers}
@@ -96,10 +97,8 @@ def write_outputs(
                   slide_info.get("name", ""))
     files.append(STEM_MAP)
     summary = summarise(tiles, probs, markers, thresholds)
-    summary = {"slide": slide_info, **summary, "model": model, "timings_s": timings,
-               "outputs": files}
-    write_json(out_dir / SUMMARY, summary)
-    return summary
+    return {"slide": slide_info, **summary, "model": model, "timings_s": timings,
+            "outputs": files}
 
 
 def grid_geometry(

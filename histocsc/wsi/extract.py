@@ -127,8 +127,8 @@ def plan_tasks(slides: list[Path], out: Path, slide_mpp: float | None = None) ->
 
 def effective_mpp(task: SlideTask) -> float | None:
     """The slide's own pixel size, else the task's fallback (None when neither exists)."""
-    with open_slide(task.path) as probe:
-        return probe.mpp if probe.has_mpp else task.slide_mpp
+    with open_slide(task.path, fallback_mpp=task.slide_mpp) as probe:
+        return probe.mpp if probe.has_mpp else None
 
 
 def is_finished(task: SlideTask, cfg: TilesConfig, save_images: bool) -> bool:
@@ -165,13 +165,12 @@ def prepare_slide(
     for stale in task.out_dir.glob(".tiles.*.tmp.npy"):  # left by an interrupted run
         stale.unlink(missing_ok=True)
     checksum = file_checksum(task.path)
-    slide_mpp = effective_mpp(task)
-    if slide_mpp is None:
-        raise SlideError(
-            f"{task.path}: the slide does not record its pixel size; pass it with --slide-mpp "
-            "(microns per pixel at full resolution, e.g. 0.5 for 20x, 0.25 for 40x)"
-        )
-    with open_slide(task.path, mpp=slide_mpp) as slide:
+    with open_slide(task.path, fallback_mpp=task.slide_mpp) as slide:
+        if not slide.has_mpp:
+            raise SlideError(
+                f"{task.path}: the slide does not record its pixel size; pass it with "
+                "--slide-mpp (microns per pixel at full resolution, e.g. 0.5 for 20x, 0.25 for 40x)"
+            )
         thumb = slide.thumbnail(cfg.tissue.mpp)
         mask = tissue_mask(thumb, cfg.tissue.mpp, cfg.tissue)
         grid = make_grid(slide, cfg, mask=mask, checksum=checksum)

@@ -25,11 +25,15 @@ MPP_HINT = "pass the pixel size with --mpp (microns per pixel at full resolution
 class Slide:
     """A slide opened for reading. Coordinates are level-0 pixels; resolution is an mpp."""
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+    def __init__(
+        self, path: str | Path, mpp: float | None = None, fallback_mpp: float | None = None
+    ) -> None:
         self.path = Path(path)
         _check_file(self.path)
-        if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-            raise SlideError(f"{self.path}: --mpp must be a positive number, got {mpp}")
+        for value in (mpp, fallback_mpp):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                msg = f"{self.path}: mpp (pixel size) must be a positive number, got {value}"
+                raise SlideError(msg)
         self._osr: openslide.OpenSlide | None = None
         self._image: np.ndarray | None = None
         self.properties: dict[str, str] = {}
@@ -51,7 +55,7 @@ class Slide:
             self.level_downsamples = (1.0,)
             self.vendor = "image"
         self.dimensions: tuple[int, int] = tuple(self.level_dimensions[0])  # type: ignore[assignment]
-        self._mpp = mpp if mpp is not None else self._mpp_from_file()
+        self._mpp = mpp if mpp is not None else (self._mpp_from_file() or fallback_mpp)
 
     # -- metadata -------------------------------------------------------------------------------
     @property
@@ -198,9 +202,12 @@ class Slide:
         return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={mpp})"
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open a whole-slide image or a plain image; `mpp` overrides the file's pixel size."""
-    return Slide(path, mpp=mpp)
+def open_slide(
+    path: str | Path, mpp: float | None = None, fallback_mpp: float | None = None
+) -> Slide:
+    """Open a whole-slide image or a plain image; `mpp` overrides the file's pixel size,
+    `fallback_mpp` is used only when the file records none."""
+    return Slide(path, mpp=mpp, fallback_mpp=fallback_mpp)
 
 
 def _check_file(path: Path) -> None:
