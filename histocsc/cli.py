@@ -12,6 +12,17 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from histocsc import __version__
+from histocsc.cli_options import (
+    ForceOpt,
+    OverrideSlideMppOpt,
+    OverwriteOpt,
+    RecursiveOpt,
+    ShardOpt,
+    SlideMppOpt,
+    SlidesArg,
+    check_working_mpp,
+    force_or_overwrite,
+)
 from histocsc.errors import HistocscError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -70,7 +81,7 @@ PathArg = Annotated[Path, typer.Argument(help="A path.")]
 @app.command()
 @user_errors
 def tiles(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
+    slides: SlidesArg,
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
     mpp: Annotated[float | None, typer.Option(help="Tile resolution, µm/px [0.5].")] = None,
     tile_px: Annotated[int | None, typer.Option(help="Tile side in pixels [224].")] = None,
@@ -81,28 +92,26 @@ def tiles(
     config: Annotated[
         Path | None, typer.Option(help="YAML config (default: built-in, see configs/tiles.yaml).")
     ] = None,
-    slide_mpp: Annotated[
-        float | None,
-        typer.Option(help="Pixel size of the slides (µm/px) when the files do not record it."),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Redo slides that are already finished.")
-    ] = False,
+    slide_mpp: SlideMppOpt = None,
+    override_slide_mpp: OverrideSlideMppOpt = None,
+    force: ForceOpt = False,
+    recursive: RecursiveOpt = False,
 ) -> None:
     """Find tissue, lay a tile grid over it, write mask/thumbnail/grid (and tile pixels)."""
     from histocsc.config import load_config
     from histocsc.errors import SlideError
     from histocsc.progress import progress_bar
-    from histocsc.wsi.extract import find_slides, plan_tasks, tile_slides
+    from histocsc.wsi.discover import find_slides
+    from histocsc.wsi.extract import plan_tasks, tile_slides
     from histocsc.wsi.grid import TilesConfig
 
     cfg = load_config(TilesConfig, config, {"mpp": mpp, "tile_px": tile_px})
-    if slide_mpp is not None and not slide_mpp > 0:
-        raise typer.BadParameter(f"--slide-mpp must be positive, got {slide_mpp}")
-    tasks = plan_tasks(find_slides(slides), out, slide_mpp)
+    tasks = plan_tasks(find_slides(slides, recursive), out, slide_mpp, override_slide_mpp)
     results = tile_slides(tasks, cfg, save_images, workers, force, progress=progress_bar)
     failed = [r for r in results if r.error]
     for r in results:
+        for message in r.warnings:
+            typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
         if not r.error:
             state = "skipped (already done)" if r.skipped else f"{r.n_tiles} tiles"
             typer.echo(f"{r.path.name}: {state} -> {r.out_dir}")
@@ -344,7 +353,7 @@ def export_command(
 @app.command("infer")
 @user_errors
 def infer_command(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files and/or folders of slides.")],
+    slides: SlidesArg,
     model: Annotated[Path, typer.Option("--model", help="ONNX model from `histocsc export`.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
@@ -355,44 +364,46 @@ def infer_command(
             "--workers", min=1, help="Slide-reading threads (default: cores/4 on CPU, all on GPU)."
         ),
     ] = None,
+    slide_mpp: SlideMppOpt = None,
+    override_slide_mpp: OverrideSlideMppOpt = None,
     mpp: Annotated[
-        float | None, typer.Option("--mpp", help="Slide pixel size (µm/px) when the file lacks it.")
+        float | None,
+        typer.Option("--mpp", help="Working resolution (µm/px); must be the model's, if given."),
     ] = None,
-    shard: Annotated[
-        str | None, typer.Option("--shard", help="I/N: process every N-th slide from the I-th.")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished slides.")] = False,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
+    recursive: RecursiveOpt = False,
 ) -> None:
     """Heatmaps, scores and QuPath tiles of stem-like regions for each slide."""
-    from histocsc.predict.engine import (
-        Engine,
-        InferOptions,
-        collect_slides,
-        cpu_count,
-        parse_shard,
-        run_slides,
-    )
+    from histocsc.predict.engine import Engine, InferOptions, cpu_count, parse_shard, run_slides
     from histocsc.predict.engine import shard as take_shard
     from histocsc.progress import progress_bar
+    from histocsc.wsi.discover import find_slides
 
-    found = collect_slides(slides)
+    force = force_or_overwrite(force, overwrite)
+    found = find_slides(slides, recursive)
     if shard is not None:
         index, count = parse_shard(shard)
         found = take_shard(found, index, count)
         typer.echo(f"shard {index}/{count}: {len(found)} slide(s)")
     engine = Engine(model, device=device)
     typer.echo(engine.describe())
+    check_working_mpp(mpp, engine.mpp, model)
     # on the CPU, readers compete with onnxruntime for cores: reading a tile costs ~1/10 of
     # computing it, so a quarter of the cores keep the queue full; a GPU needs them all
     default_workers = cpu_count() if engine.device == "cuda" else max(1, cpu_count() // 4)
-    options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=mpp)
-    report = run_slides(engine, found, out, options, say=typer.echo, overwrite=overwrite,
+    options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=slide_mpp,
+                           override_slide_mpp=override_slide_mpp)
+    report = run_slides(engine, found, out, options, say=typer.echo, force=force,
                         progress=lambda name, total: progress_bar(name, total))
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
                f"{len(report.failed)} failed")
     for path, message in report.failed:
         where = "" if str(path) in message else f"{path}: "
         typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
+        if _state["debug"] and path in report.tracebacks:
+            typer.echo(report.tracebacks[path], err=True)
     if report.failed:
         raise typer.Exit(1)
 

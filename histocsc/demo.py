@@ -85,7 +85,7 @@ def run_demo(
     engine = Engine(out / "model.onnx", device="auto")
     say(engine.describe())
     options = InferOptions(batch=64, workers=cpu_count(), slide_mpp=None)
-    report = run_slides(engine, slides, out / "infer", options, say=say, overwrite=True,
+    report = run_slides(engine, slides, out / "infer", options, say=say, force=True,
                         progress=lambda name, total: progress_bar(name, total))
     lap("infer")
     if report.failed:
