@@ -244,6 +244,7 @@ def label(
     register_config: ConfigOpt = None,
     markers: MarkersOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 1,
+    slide_mpp: SlideMppOpt = None,
 ) -> None:
     """Per-tile IHC labels (<M>_fraction, <M>_label) into OUT/<case>/labels.csv.
 
@@ -252,6 +253,7 @@ def label(
     from histocsc.prepare import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, config, markers)
+    cfgs.slide_mpp = slide_mpp
     run_and_report(cohort, out, cfgs, workers, reuse_existing=True, command="label")
 
 
@@ -265,12 +267,22 @@ def prepare(
     label_config: ConfigOpt = None,
     markers: MarkersOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 2,
+    slide_mpp: SlideMppOpt = None,
+    force: ForceOpt = False,
+    shard: ShardOpt = None,
 ) -> None:
-    """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary."""
+    """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary.
+
+    Slides that record no pixel size take it from the cohort's `mpp`, `he_mpp` or
+    `<MARKER>_mpp` column, else from --slide-mpp."""
+    from histocsc.predict.engine import parse_shard
     from histocsc.prepare import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, label_config, markers)
-    run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare")
+    cfgs.slide_mpp = slide_mpp
+    part = parse_shard(shard) if shard is not None else None
+    run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare",
+                   force=force, shard=part)
 
 
 # --- train command (learn helper) ---

@@ -167,6 +167,35 @@ def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> C
 
 
 def assign_splits(
+    cases: list[str],
+    given: dict[str, str],
+    pos_rate: dict[str, float],
+    cfg: DataConfig,
+    seed: int,
+    patients: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """`split_units` over patients: the cases of one patient (cohort column `patient`) always
+    share a split; a case without a patient is its own unit. DataError when the cohort itself
+    puts two cases of one patient into different splits."""
+    groups: dict[str, list[str]] = {}
+    for c in cases:
+        groups.setdefault((patients or {}).get(c) or f"\0{c}", []).append(c)
+    if len(groups) == len(cases):  # no shared patient: the cases are the units
+        return split_units(cases, given, pos_rate, cfg, seed)
+    unit_given: dict[str, str] = {}
+    for unit, members in groups.items():
+        named = {given[c] for c in members if given.get(c)}
+        if len(named) > 1:
+            raise DataError(f"patient {unit}: cases {', '.join(members)} are given different "
+                            f"splits ({', '.join(sorted(named))}) in cohort.csv")
+        if named:
+            unit_given[unit] = named.pop()
+    unit_rate = {u: float(np.mean([pos_rate.get(c, 0.0) for c in m])) for u, m in groups.items()}
+    unit_split = split_units(list(groups), unit_given, unit_rate, cfg, seed)
+    return {c: unit_split[u] for u, members in groups.items() for c in members}
+
+
+def split_units(
     cases: list[str], given: dict[str, str], pos_rate: dict[str, float], cfg: DataConfig, seed: int
 ) -> dict[str, str]:
     """Keep the cohort's splits; give the other cases a seeded, label-stratified split:
@@ -339,7 +368,8 @@ class TileDataModule(L.LightningDataModule):
             for c, t in loaded.items()
         }
         given = {c.case: c.split for c in cohort.cases}
-        split = assign_splits(list(loaded), given, pos_rate, self.cfg, self.seed)
+        patients = {c.case: c.patient for c in cohort.cases}
+        split = assign_splits(list(loaded), given, pos_rate, self.cfg, self.seed, patients)
         for c, t in loaded.items():
             self.cases[split[c]].append(t)
         if not self.cases["train"]:

@@ -25,10 +25,7 @@ import contextlib
 import ctypes
 import dataclasses
 import math
-import multiprocessing
 import os
-import signal
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +39,7 @@ from PIL import Image
 
 from histocsc.errors import DataError, HistocscError, SlideError
 from histocsc.io import atomic_path, file_checksum, read_json
+from histocsc.workers import process_pool
 from histocsc.wsi.grid import GRID_JSON, TileGrid, TilesConfig, make_grid
 from histocsc.wsi.preflight import check_disk, check_tiling, open_with_pixel_size
 from histocsc.wsi.slide import open_slide
@@ -466,24 +464,8 @@ def _executor(workers: int) -> Iterator[cf.Executor | None]:
     if workers <= 1:
         yield None
         return
-    ctx = multiprocessing.get_context("spawn")
-    # Workers start with SIGINT ignored (they inherit it), so Ctrl-C stops only the main
-    # process, which cancels what is queued and removes temporary files, without a traceback
-    # from every worker.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-    try:
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        list(pool.map(_started, range(workers)))  # start every worker now
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
-    with pool:
+    with process_pool(workers) as pool:
         yield pool
-
-
-def _started(_: int) -> bool:
-    return True
 
 
 def _unordered(
