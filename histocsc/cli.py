@@ -132,7 +132,9 @@ def phantom(
     out: Annotated[Path, typer.Argument(help="Output folder (one sub-folder per case).")],
     cases: Annotated[int, typer.Option("--cases", help="Number of cases.")] = 5,
     size_px: Annotated[int, typer.Option("--size-px", help="Slide width = height, px.")] = 8192,
-    mpp: Annotated[float, typer.Option("--mpp", help="Microns per pixel at level 0.")] = 0.5,
+    slide_mpp: Annotated[
+        float, typer.Option("--slide-mpp", help="Pixel size the slides record, µm/px.")
+    ] = 0.5,
     markers: Annotated[str, typer.Option("--markers", help="Comma-separated IHC markers.")] = (
         "CD133,CD44"
     ),
@@ -145,7 +147,7 @@ def phantom(
     names = [m.strip() for m in markers.split(",") if m.strip()]
     total = cases * tiles_per_case(size_px, len(names))
     with progress_bar("phantom", total) as advance:
-        csv_path = make_cohort(out, cases, size_px, mpp, names, seed, advance)
+        csv_path = make_cohort(out, cases, size_px, slide_mpp, names, seed, advance)
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
@@ -158,11 +160,13 @@ def register_command(
     fixed: Annotated[Path, typer.Argument(help="Fixed slide (the H&E).")],
     moving: Annotated[Path, typer.Argument(help="Moving slide (the IHC section).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for transform.json + overlay.png.")],
+    slide_mpp: SlideMppOpt = None,
+    override_slide_mpp: OverrideSlideMppOpt = None,
     mpp_fixed: Annotated[
-        float | None, typer.Option("--mpp-fixed", help="µm/px of the fixed slide (overrides).")
+        float | None, typer.Option("--mpp-fixed", hidden=True, help="Deprecated.")
     ] = None,
     mpp_moving: Annotated[
-        float | None, typer.Option("--mpp-moving", help="µm/px of the moving slide (overrides).")
+        float | None, typer.Option("--mpp-moving", hidden=True, help="Deprecated.")
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML (see configs/register.yaml).")
@@ -174,9 +178,19 @@ def register_command(
     """Align an IHC section (moving) to its H&E (fixed); writes transform.json and overlay.png."""
     from histocsc.config import load_config, parse_overrides
     from histocsc.ihc.registration import RegistrationConfig, register
+    from histocsc.wsi.preflight import effective_slide_mpp
 
     cfg = load_config(RegistrationConfig, config, parse_overrides(set_ or []))
-    result = register(fixed, moving, mpp_fixed, mpp_moving, cfg)
+    sizes = []
+    for path, old in ((fixed, mpp_fixed), (moving, mpp_moving)):
+        if old is not None:
+            typer.secho("warning: --mpp-fixed / --mpp-moving are deprecated; use --slide-mpp "
+                        "(or --override-slide-mpp)", fg=typer.colors.YELLOW, err=True)
+        size, note = effective_slide_mpp(path, slide_mpp, override_slide_mpp)
+        if note:
+            typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+        sizes.append(old if old is not None else size)
+    result = register(fixed, moving, sizes[0], sizes[1], cfg)
     path = result.save(out)
     err = result.error
     typer.echo(
@@ -303,15 +317,20 @@ def train_command(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Checkpoint to continue from (last.ckpt).")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the run already in --out.")
+    ] = False,
 ) -> None:
     """Train a tile classifier on a prepared cohort; writes checkpoints, metrics and run.json."""
     from histocsc.config import parse_overrides
-    from histocsc.learn.train import load_train_config, train
+    from histocsc.learn.guard import guard_run_dir
+    from histocsc.learn.train import default_run_dir, load_train_config, train
 
     values = parse_overrides(overrides or [])
     if data is not None:
         values["data.root"] = str(data)
     cfg = load_train_config(config, values)
+    guard_run_dir(out if out is not None else default_run_dir(cfg, resume), resume, force)
     result = train(cfg, run_dir=out, resume=resume)
     if result.global_rank != 0:  # one report per run, not one per process
         return
@@ -339,19 +358,35 @@ def export_command(
     check_tiles: Annotated[
         Path | None, typer.Option("--check-tiles", help="Tiles for the parity check.")
     ] = None,
+    max_auroc_change: Annotated[
+        float, typer.Option(help="int8/fp16 gate on labelled tiles: largest AUROC change.")
+    ] = 0.01,
+    max_prob_diff: Annotated[
+        float, typer.Option(help="int8/fp16 gate without labels: largest probability change.")
+    ] = 0.05,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing model files.")] = False,
 ) -> None:
     """Export a trained model to ONNX (uint8 RGB tiles in, probabilities out), checking parity."""
     from histocsc.errors import ConfigError
     from histocsc.learn.export import PARITY_TOL, export_onnx
+    from histocsc.learn.guard import guard_model_files
     from histocsc.learn.model import load_trained
+    from histocsc.learn.variant_gate import GateLimits, labelled_run_tiles
 
     if int8 and calibration is None:
         raise ConfigError("--int8 needs --calibration DIR (tile images or a tiles.npy)")
+    variants = [out.with_name(f"{out.stem}.{v}.onnx") for v, on in (("int8", int8),
+                                                                     ("fp16", fp16)) if on]
+    guard_model_files([out, *variants], force)
     model, meta = load_trained(run)
+    labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
     result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
-                         check_tiles=check_tiles)
+                         check_tiles=check_tiles, labelled=labelled,
+                         limits=GateLimits(max_auroc_change, max_prob_diff))
     for note in result.notes:
         typer.echo(f"note: {note}")
+    for line in result.gates:
+        typer.echo(f"gate passed: {line}")
     typer.echo(f"wrote {result.fp32} (fp32, {result.exporter} exporter; max |ONNX - PyTorch| = "
                f"{result.max_abs_diff:.2e} <= {PARITY_TOL:g})")
     if result.int8:

@@ -120,17 +120,10 @@ def register_marker(
     """Register one IHC (moving) onto the H&E (fixed): writes out_dir/transform.json.
     `he_mpp` / `ihc_mpp` are used only for a slide that records no pixel size."""
     from histocsc.ihc.registration import register
+    from histocsc.wsi.preflight import effective_slide_mpp
 
-    fixed, moving = pixel_size(he, he_mpp), pixel_size(ihc, ihc_mpp)
+    fixed, moving = effective_slide_mpp(he, he_mpp)[0], effective_slide_mpp(ihc, ihc_mpp)[0]
     register(he, ihc, fixed, moving, cfg=register_cfg).save(out_dir)
-
-
-def pixel_size(path: Path, fallback: float | None) -> float | None:
-    """The slide's own pixel size, else `fallback` (None: neither; opening it will say so)."""
-    from histocsc.wsi.slide import open_slide
-
-    with open_slide(path, fallback_mpp=fallback) as slide:
-        return slide.mpp if slide.has_mpp else None
 
 
 def load_transform(path: Path) -> tuple[Any, dict[str, Any]]:

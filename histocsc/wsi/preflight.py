@@ -59,3 +59,13 @@ def check_disk(out_dir: Path, n_tiles: int, tile_px: int, source: Path) -> None:
             f"{source}: the tile pixels ({n_tiles} tiles of {tile_px} px) need about "
             f"{need / 1e9:.1f} GB but {probe} has {free / 1e9:.1f} GB free; "
             "run without --save-images, or choose a coarser --mpp or a larger disk")
+
+
+def effective_slide_mpp(
+    path: Path, slide_mpp: float | None, override: float | None = None
+) -> tuple[float | None, str | None]:
+    """The pixel size a slide will be read with (None when neither the file nor the user gives
+    one) and the override warning of `open_with_pixel_size`."""
+    slide, note = open_with_pixel_size(path, slide_mpp, override)
+    with slide:
+        return (slide.mpp if slide.has_mpp else None), note
