@@ -377,8 +377,8 @@ def export_command(
         raise ConfigError("--int8 needs --calibration DIR (tile images or a tiles.npy)")
     variants = [out.with_name(f"{out.stem}.{v}.onnx") for v, on in (("int8", int8),
                                                                      ("fp16", fp16)) if on]
-    guard_model_files([out, *variants], force)
     model, meta = load_trained(run)
+    guard_model_files([out, *variants], force)
     labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
     result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
                          check_tiles=check_tiles, labelled=labelled,
