@@ -204,3 +204,15 @@ def test_recursive_folders_and_image_folders(ws: dict[str, Path], tmp_path: Path
     assert code == 1 and "--slide-mpp" in text
     code, text = infer(pngs, "--model", ws["model"], "--out", tmp_path / "o2", "--slide-mpp", 1)
     assert code == 0 and summary(tmp_path / "o2", "field")["slide"]["mpp"] == 1.0
+
+
+def test_gpu_extra_and_the_swap_are_documented() -> None:
+    """Item 6: onnxruntime-gpu comes as an extra, and the README says how to swap it in."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(req.startswith("onnxruntime-gpu") for req in extras["gpu"])
+    readme = (root / "README.md").read_text()
+    assert "pip install 'histocsc[gpu]'" in readme and "pip uninstall -y onnxruntime" in readme
