@@ -428,7 +428,7 @@ def serve(
     ] = 5.0,
     max_tiles_per_request: Annotated[int, typer.Option(help="Tiles in one request.")] = 256,
     max_upload_mb: Annotated[float, typer.Option(help="Largest slide upload, MiB.")] = 4096.0,
-    max_queued_jobs: Annotated[int, typer.Option(help="Queued jobs before 429.")] = 16,
+    max_queued_jobs: Annotated[int, typer.Option(help="Jobs queued or running before 429.")] = 16,
     model_name: Annotated[str, typer.Option(help="Model name in /v2/models/NAME.")] = "histocsc",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:

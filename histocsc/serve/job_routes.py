@@ -119,8 +119,9 @@ async def _read_submission(request: Request, svc: Service, job_id: str
              openapi_extra={"requestBody": SUBMIT_BODY})
 async def submit(request: Request) -> JSONResponse:
     svc = service(request)
-    if svc.store.count("queued") >= svc.settings.max_queued_jobs:
-        raise HttpError(429, f"{svc.settings.max_queued_jobs} jobs already queued; retry later",
+    waiting = svc.store.count("queued") + svc.store.count("running")
+    if waiting >= svc.settings.max_queued_jobs:
+        raise HttpError(429, f"{waiting} jobs already queued or running; retry later",
                         {"Retry-After": str(RETRY_AFTER_S)})
     job_id = svc.store.new_id()
     try:
