@@ -52,7 +52,7 @@ def find_slides(inputs: list[Path], recursive: bool = False) -> list[Path]:
         elif item.is_file():
             found.append(item)
         else:
-            raise SlideError(f"{item}: no such slide file or folder")
+            raise SlideError(f"{item}: file not found")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     stems: dict[str, Path] = {}
     for path in unique:
