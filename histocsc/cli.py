@@ -264,7 +264,7 @@ def label(
 
     Uses the tiles and registrations already in OUT/<case>/ and makes the missing ones.
     """
-    from histocsc.prepare import run_and_report
+    from histocsc.prepare_report import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, config, markers)
     cfgs.slide_mpp = slide_mpp
@@ -290,7 +290,7 @@ def prepare(
     Slides that record no pixel size take it from the cohort's `mpp`, `he_mpp` or
     `<MARKER>_mpp` column, else from --slide-mpp."""
     from histocsc.predict.engine import parse_shard
-    from histocsc.prepare import run_and_report
+    from histocsc.prepare_report import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, label_config, markers)
     cfgs.slide_mpp = slide_mpp

@@ -33,7 +33,8 @@ def run_demo(
     from histocsc.learn.model import load_trained
     from histocsc.learn.train import load_train_config, train
     from histocsc.predict.engine import Engine, InferOptions, cpu_count, run_slides
-    from histocsc.prepare import StageConfigs, run_and_report
+    from histocsc.prepare import StageConfigs
+    from histocsc.prepare_report import run_and_report
     from histocsc.progress import progress_bar
     from histocsc.synthetic.generate import make_cohort, tiles_per_case
     from histocsc.wsi.grid import TilesConfig
