@@ -139,6 +139,9 @@ def phantom(
         "CD133,CD44"
     ),
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    fill_frame: Annotated[
+        bool, typer.Option("--fill-frame", help="Tissue fills the whole frame (no outline).")
+    ] = False,
 ) -> None:
     """Write synthetic H&E + IHC slide pairs with known truth, and a cohort.csv."""
     from histocsc.progress import progress_bar
@@ -147,7 +150,7 @@ def phantom(
     names = [m.strip() for m in markers.split(",") if m.strip()]
     total = cases * tiles_per_case(size_px, len(names))
     with progress_bar("phantom", total) as advance:
-        csv_path = make_cohort(out, cases, size_px, slide_mpp, names, seed, advance)
+        csv_path = make_cohort(out, cases, size_px, slide_mpp, names, seed, advance, fill_frame)
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
@@ -177,26 +180,32 @@ def register_command(
 ) -> None:
     """Align an IHC section (moving) to its H&E (fixed); writes transform.json and overlay.png."""
     from histocsc.config import load_config, parse_overrides
-    from histocsc.ihc.registration import RegistrationConfig, register
+    from histocsc.errors import HistocscError
+    from histocsc.ihc.registration import RegistrationConfig, register, save_failure
     from histocsc.wsi.preflight import effective_slide_mpp
 
     cfg = load_config(RegistrationConfig, config, parse_overrides(set_ or []))
-    sizes = []
-    for path, old in ((fixed, mpp_fixed), (moving, mpp_moving)):
-        if old is not None:
-            typer.secho("warning: --mpp-fixed / --mpp-moving are deprecated; use --slide-mpp "
-                        "(or --override-slide-mpp)", fg=typer.colors.YELLOW, err=True)
-        size, note = effective_slide_mpp(path, slide_mpp, override_slide_mpp)
-        if note:
-            typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
-        sizes.append(old if old is not None else size)
-    result = register(fixed, moving, sizes[0], sizes[1], cfg)
+    try:
+        sizes = []
+        for path, old in ((fixed, mpp_fixed), (moving, mpp_moving)):
+            if old is not None:
+                typer.secho("warning: --mpp-fixed / --mpp-moving are deprecated; use --slide-mpp "
+                            "(or --override-slide-mpp)", fg=typer.colors.YELLOW, err=True)
+            size, note = effective_slide_mpp(path, slide_mpp, override_slide_mpp)
+            if note:
+                typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+            sizes.append(old if old is not None else size)
+        result = register(fixed, moving, sizes[0], sizes[1], cfg,
+                          mpp_options=("--slide-mpp", "--slide-mpp"))
+    except HistocscError as exc:
+        save_failure(out, exc)  # no stale transform or overlay of an earlier run
+        raise
     path = result.save(out)
     err = result.error
+    poor = f", POOR: {'; '.join(err['poor_reasons'])} (check the overlay)" if result.poor else ""
     typer.echo(
         f"wrote {path} and {out / 'overlay.png'} (working {result.transform.working_mpp:g} µm/px, "
-        f"NCC {err['ncc']:.3f}, residual ~{err['residual_um_median']} µm median"
-        f"{', POOR: check the overlay' if result.poor else ''})"
+        f"NCC {err['ncc']:.3f}, residual ~{err['residual_um_median']} µm median{poor})"
     )
 
 
@@ -237,7 +246,7 @@ def _stage_configs(
     from histocsc.config import load_config
     from histocsc.ihc.labels import LabelConfig
     from histocsc.ihc.registration import RegistrationConfig
-    from histocsc.prepare import StageConfigs
+    from histocsc.pipeline.prepare import StageConfigs
     from histocsc.wsi.grid import TilesConfig
 
     names = [m.strip() for m in markers.split(",") if m.strip()] if markers else None
@@ -264,7 +273,7 @@ def label(
 
     Uses the tiles and registrations already in OUT/<case>/ and makes the missing ones.
     """
-    from histocsc.prepare_report import run_and_report
+    from histocsc.pipeline.prepare_report import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, config, markers)
     cfgs.slide_mpp = slide_mpp
@@ -289,8 +298,8 @@ def prepare(
 
     Slides that record no pixel size take it from the cohort's `mpp`, `he_mpp` or
     `<MARKER>_mpp` column, else from --slide-mpp."""
+    from histocsc.pipeline.prepare_report import run_and_report
     from histocsc.predict.engine import parse_shard
-    from histocsc.prepare_report import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, label_config, markers)
     cfgs.slide_mpp = slide_mpp
@@ -516,7 +525,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole pipeline on built-in phantom slides and check the heatmaps against truth."""
-    from histocsc.demo import run_demo
+    from histocsc.pipeline.demo import run_demo
 
     summary = run_demo(out, cases=cases, size_px=size_px, seed=seed, epochs=epochs,
                        say=typer.echo)

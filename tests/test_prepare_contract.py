@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from histocsc.cli import app
+from histocsc.cohort import read_cohort
 from histocsc.errors import DataError
-from histocsc.ihc.cohort import read_cohort
 from histocsc.learn.data import DataConfig, assign_splits
 from histocsc.synthetic.generate import make_cohort
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from histocsc.cohort import read_cohort
 from histocsc.errors import DataError
-from histocsc.ihc.cohort import read_cohort
 from histocsc.io import read_json
-from histocsc.prepare import StageConfigs, run_cohort, summary_path
+from histocsc.pipeline.prepare import StageConfigs, run_cohort, summary_path
 
 
 def summary_table(

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from histocsc.errors import ConfigError, DataError
-from histocsc.wsi.discover import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 
 FIXED_COLUMNS = ("case", "he", "split", "patient", "mpp", "he_mpp")
 SPLITS = ("train", "val", "test", "")
@@ -130,8 +129,10 @@ def read_cohort(path: str | Path) -> Cohort:
 
 
 def _check_marker_cell(path: Path, line_no: int, column: str, value: str) -> None:
-    """A marker column holds IHC slide files; anything else is an undeclared column."""
-    if value and Path(value).suffix.lower() not in SLIDE_SUFFIXES | IMAGE_SUFFIXES:
+    """A marker column holds IHC slide files (names with a file extension); anything else, e.g.
+    a number, means an undeclared column."""
+    suffix = Path(value).suffix[1:]
+    if value and not (suffix[:1].isalpha() and suffix.isalnum()):
         raise DataError(
             f"{path}: line {line_no}: column {column!r} holds {value!r}, not a slide file; a "
             f"column other than {', '.join(FIXED_COLUMNS)} or <MARKER>{MPP_SUFFIX} is a marker "

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from histocsc.cohort import Cohort, CohortCase, read_cohort
 from histocsc.errors import DataError, HistocscError, LabelError, RegistrationError
-from histocsc.ihc.cohort import Cohort, CohortCase, read_cohort
 from histocsc.ihc.labels import LabelConfig, MarkerLabels, label_slide, write_label_map
 from histocsc.ihc.registration import RegistrationConfig
 from histocsc.io import atomic_path, file_checksum, read_json, write_json
@@ -119,11 +119,16 @@ def register_marker(
 ) -> None:
     """Register one IHC (moving) onto the H&E (fixed): writes out_dir/transform.json.
     `he_mpp` / `ihc_mpp` are used only for a slide that records no pixel size."""
-    from histocsc.ihc.registration import register
+    from histocsc.ihc.registration import register, save_failure
     from histocsc.wsi.preflight import effective_slide_mpp
 
-    fixed, moving = effective_slide_mpp(he, he_mpp)[0], effective_slide_mpp(ihc, ihc_mpp)[0]
-    register(he, ihc, fixed, moving, cfg=register_cfg).save(out_dir)
+    try:
+        fixed, moving = effective_slide_mpp(he, he_mpp)[0], effective_slide_mpp(ihc, ihc_mpp)[0]
+        result = register(he, ihc, fixed, moving, cfg=register_cfg)
+    except HistocscError as exc:
+        save_failure(out_dir, exc)  # overlay of what was tried, never a stale one
+        raise
+    result.save(out_dir)
 
 
 def load_transform(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -246,6 +251,9 @@ def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str
     measured after alignment (`residual_um_median`), used only when it was measured on at least
     `min_error_blocks` tissue blocks: on a few blocks it is dominated by outliers.
     """
+    if error.get("poor"):
+        reasons = "; ".join(error.get("poor_reasons") or []) or "flagged poor"
+        return False, f"registration QC: {reasons}"
     overlap = error.get("tissue_overlap")
     error_um, blocks = error.get("residual_um_median"), int(error.get("blocks") or 0)
     if not isinstance(overlap, (int, float)) or overlap < cfg.min_tissue_overlap:
