@@ -36,10 +36,12 @@ def test_tile_larger_than_the_slide_is_an_error(svs: Path, tmp_path: Path) -> No
 
 def test_upsampling_warns_and_a_store_too_big_for_the_disk_is_refused(
         svs: Path, tmp_path: Path) -> None:
-    """0.001 µm/px tiles of 4096 px on a 0.499 µm/px slide: ~500x upsampled, petabytes."""
-    res = tiles(svs, "--out", tmp_path, "--tile-px", 4096, "--mpp", 0.001, "--save-images")
+    """0.0005 µm/px tiles of 16384 px on a 0.499 µm/px slide: ~1000x upsampled, petabytes.
+    (Larger than any file ext4 allows, so a regression fails at once instead of filling the
+    disk: the old code wrote 47 GB of a 1.8 TB store before it was stopped.)"""
+    res = tiles(svs, "--out", tmp_path, "--tile-px", 16384, "--mpp", 0.0005, "--save-images")
     assert res.exit_code == 1
-    assert "499.0x finer than the slide's own pixels" in res.output
+    assert "998.0x finer than the slide's own pixels" in res.output
     assert "GB free" in res.output and "without --save-images" in res.output
     assert not list(tmp_path.rglob("*.npy"))
 
