@@ -345,8 +345,12 @@ def export_command(
 @user_errors
 def infer_command(
     slides: Annotated[list[Path], typer.Argument(help="Slide files and/or folders of slides.")],
-    model: Annotated[Path, typer.Option("--model", help="ONNX model from `histocsc export`.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="ONNX model from `histocsc export` (default: the built-in "
+                     "phantom-trained demonstration model, research use only)."),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Tiles per batch.")] = 32,
     workers: Annotated[
@@ -375,6 +379,12 @@ def infer_command(
     from histocsc.predict.engine import shard as take_shard
     from histocsc.progress import progress_bar
 
+    if model is None:
+        from histocsc.models import NOTICE, builtin_model_path
+
+        model = builtin_model_path()
+        typer.secho(f"using the built-in model {model.name} ({NOTICE}); "
+                    "give --model for your own", fg=typer.colors.YELLOW)
     found = collect_slides(slides)
     if shard is not None:
         index, count = parse_shard(shard)
@@ -390,6 +400,13 @@ def infer_command(
                         progress=lambda name, total: progress_bar(name, total))
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
                f"{len(report.failed)} failed")
+    if len(found) > 1 or any(p.is_dir() for p in slides):
+        from histocsc.predict.cohort_report import write_cohort_summary
+
+        table, page = write_cohort_summary(out, found, report.failed)
+        typer.echo(f"cohort: {table} and {page}")
+    elif report.done:
+        typer.echo(f"report: {out / report.done[0].stem / 'report.html'}")
     for path, message in report.failed:
         where = "" if str(path) in message else f"{path}: "
         typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
@@ -423,6 +440,8 @@ def demo(
     for name in summary["outputs"]["heatmaps"]:
         typer.echo(f"look at: {name}/ (heatmap_*.png, tiles.geojson for QuPath)")
     typer.echo(f"summary: {out / 'demo_summary.json'}")
+    for page in summary["outputs"]["reports"]:
+        typer.echo(f"open the report in a browser: {page}")
 
 
 def run() -> None:

@@ -108,6 +108,7 @@ def run_demo(
             "run": str(result.run_dir),
             "model": str(out / "model.onnx"),
             "heatmaps": [str(out / "infer" / s.stem) for s in slides],
+            "reports": [str(out / "infer" / s.stem / "report.html") for s in slides],
         },
     }
     write_json(out / "demo_summary.json", summary)

@@ -23,7 +23,9 @@ import numpy as np
 
 from histocsc.errors import ConfigError, DataError, ModelError
 from histocsc.io import file_checksum, write_json
+from histocsc.models import builtin_facts
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
+from histocsc.predict.report import REPORT, write_report
 from histocsc.wsi.extract import TileReader
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
 from histocsc.wsi.slide import Slide, open_slide
@@ -135,7 +137,8 @@ class Engine:
     def model_info(self) -> dict[str, Any]:
         """What summary.json records about the model."""
         return {"path": str(self.path.resolve()), "checksum": self.checksum,
-                **self.meta, "device": self.device, "threads": self.threads}
+                **self.meta, "device": self.device, "threads": self.threads,
+                **builtin_facts(self.checksum)}
 
 
 @dataclass
@@ -261,6 +264,8 @@ def infer_slide(
                             timings)
     t3 = time.perf_counter()
     timings |= {"outputs": t3 - t2, "total": t3 - t0}
+    summary["outputs"].append(REPORT)
+    write_report(out_dir, summary, thumb)
     write_json(out_dir / SUMMARY, summary)  # last: its presence marks the slide finished
     return summary
 
