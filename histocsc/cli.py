@@ -128,6 +128,9 @@ def phantom(
         "CD133,CD44"
     ),
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    fill_frame: Annotated[
+        bool, typer.Option("--fill-frame", help="Tissue fills the whole frame (no outline).")
+    ] = False,
 ) -> None:
     """Write synthetic H&E + IHC slide pairs with known truth, and a cohort.csv."""
     from histocsc.progress import progress_bar
@@ -136,7 +139,7 @@ def phantom(
     names = [m.strip() for m in markers.split(",") if m.strip()]
     total = cases * tiles_per_case(size_px, len(names))
     with progress_bar("phantom", total) as advance:
-        csv_path = make_cohort(out, cases, size_px, mpp, names, seed, advance)
+        csv_path = make_cohort(out, cases, size_px, mpp, names, seed, advance, fill_frame)
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
@@ -164,16 +167,22 @@ def register_command(
 ) -> None:
     """Align an IHC section (moving) to its H&E (fixed); writes transform.json and overlay.png."""
     from histocsc.config import load_config, parse_overrides
-    from histocsc.ihc.registration import RegistrationConfig, register
+    from histocsc.errors import HistocscError
+    from histocsc.ihc.registration import RegistrationConfig, register, save_failure
 
     cfg = load_config(RegistrationConfig, config, parse_overrides(set_ or []))
-    result = register(fixed, moving, mpp_fixed, mpp_moving, cfg)
+    options = ("--mpp-fixed", "--mpp-moving")
+    try:
+        result = register(fixed, moving, mpp_fixed, mpp_moving, cfg, mpp_options=options)
+    except HistocscError as exc:
+        save_failure(out, exc)  # no stale transform or overlay of an earlier run
+        raise
     path = result.save(out)
     err = result.error
+    poor = f", POOR: {'; '.join(err['poor_reasons'])} (check the overlay)" if result.poor else ""
     typer.echo(
         f"wrote {path} and {out / 'overlay.png'} (working {result.transform.working_mpp:g} µm/px, "
-        f"NCC {err['ncc']:.3f}, residual ~{err['residual_um_median']} µm median"
-        f"{', POOR: check the overlay' if result.poor else ''})"
+        f"NCC {err['ncc']:.3f}, residual ~{err['residual_um_median']} µm median{poor})"
     )
 
 
@@ -214,7 +223,7 @@ def _stage_configs(
     from histocsc.config import load_config
     from histocsc.ihc.labels import LabelConfig
     from histocsc.ihc.registration import RegistrationConfig
-    from histocsc.prepare import StageConfigs
+    from histocsc.pipeline.prepare import StageConfigs
     from histocsc.wsi.grid import TilesConfig
 
     names = [m.strip() for m in markers.split(",") if m.strip()] if markers else None
@@ -240,7 +249,7 @@ def label(
 
     Uses the tiles and registrations already in OUT/<case>/ and makes the missing ones.
     """
-    from histocsc.prepare import run_and_report
+    from histocsc.pipeline.prepare import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, config, markers)
     run_and_report(cohort, out, cfgs, workers, reuse_existing=True, command="label")
@@ -258,7 +267,7 @@ def prepare(
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 2,
 ) -> None:
     """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary."""
-    from histocsc.prepare import run_and_report
+    from histocsc.pipeline.prepare import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, label_config, markers)
     run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare")
@@ -475,7 +484,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole pipeline on built-in phantom slides and check the heatmaps against truth."""
-    from histocsc.demo import run_demo
+    from histocsc.pipeline.demo import run_demo
 
     summary = run_demo(out, cases=cases, size_px=size_px, seed=seed, epochs=epochs,
                        say=typer.echo)

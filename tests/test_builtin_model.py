@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from histocsc.io import file_checksum
-from histocsc.learn.export import read_metadata
+from histocsc.learn.metadata import read_metadata
 from histocsc.models import BUILTIN_CARD, BUILTIN_ONNX, builtin_card, builtin_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
