@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -64,7 +65,9 @@ def train_model(work: Path) -> tuple[Path, dict[str, Any]]:
     from histocsc.pipeline.prepare import StageConfigs, run_and_report
     from histocsc.synthetic.generate import make_cohort
 
-    cohort = make_cohort(work / "phantom", TRAIN_CASES, SIZE_PX, DEMO_SLIDE_MPP, MARKERS, SEED)
+    cohort = work / "phantom" / "cohort.csv"
+    if not cohort.is_file():  # the phantom is a pure function of its seed: made once
+        make_cohort(work / "phantom", TRAIN_CASES, SIZE_PX, DEMO_SLIDE_MPP, MARKERS, SEED)
     cfgs = StageConfigs(tiles=tiles_config(), register=load_config(RegistrationConfig),
                         label=load_config(LabelConfig))
     run_and_report(cohort, work / "prepared", cfgs, workers=2, reuse_existing=False,
@@ -89,7 +92,7 @@ def heldout_metrics(onnx_path: Path, work: Path) -> dict[str, Any]:
 
     from histocsc.cohort import read_cohort
     from histocsc.predict.engine import Engine
-    from histocsc.synthetic.generate import make_cohort
+    from histocsc.synthetic.generate import case_name, make_cohort
     from histocsc.synthetic.truth_prep import prepare_from_truth
 
     engine = Engine(onnx_path, device="cpu")
@@ -97,8 +100,10 @@ def heldout_metrics(onnx_path: Path, work: Path) -> dict[str, Any]:
     tiles_total = 0
     for seed in HELDOUT_SEEDS:
         phantom = work / f"heldout-{seed}"
-        make_cohort(phantom, HELDOUT_CASES, SIZE_PX, DEMO_SLIDE_MPP, MARKERS, seed)
-        prepared = prepare_from_truth(phantom, work / f"heldout-{seed}-tiles", tiles_config())
+        prepared = work / f"heldout-{seed}-tiles"
+        if not (prepared / case_name(HELDOUT_CASES - 1) / "labels.csv").is_file():  # written last
+            make_cohort(phantom, HELDOUT_CASES, SIZE_PX, DEMO_SLIDE_MPP, MARKERS, seed)
+            prepare_from_truth(phantom, prepared, tiles_config())
         probs, labels = [], []
         for case in read_cohort(phantom / "cohort.csv").cases:
             tiles = np.load(prepared / case.case / "tiles.npy")
@@ -174,7 +179,8 @@ def write_card_md(facts: dict[str, Any], path: Path) -> None:
                  ("auroc", "ap", "sensitivity", "specificity", "auroc_clear")]
         rows.append(f"| {m} | {facts['thresholds'][m]:.3f} | "
                     f"{facts['test_split'][m]['auroc']:.3f} | " + " | ".join(cells) + " |")
-    calib = facts["calibration"] or "none recorded in the model metadata"
+    calib = (f"`{json.dumps(facts['calibration'], sort_keys=True)}`" if facts["calibration"]
+             else "none recorded in the model metadata")
     tiles = ", ".join(f"{n} {s}" for s, n in tr["tiles"].items())
     text = f"""# Model card: {facts['name']} (the built-in model)
 
@@ -258,9 +264,11 @@ def main() -> int:
     parser.add_argument("--check", action="store_true",
                         help="rebuild and compare with the shipped card; change nothing")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the phantom cohorts and prepared tiles of a kept work folder")
     args = parser.parse_args()
     os.chdir(ROOT)
-    shutil.rmtree(WORK, ignore_errors=True)
+    shutil.rmtree(WORK if not args.reuse else WORK / "run", ignore_errors=True)
     t0 = time.perf_counter()
     onnx_path, run = train_model(WORK)
     heldout = heldout_metrics(onnx_path, WORK)
