@@ -81,3 +81,26 @@ def test_cpu_count_respects_the_affinity_mask():
             "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); print(cpu_count())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+def test_metrics_rows_of_an_earlier_run_survive_a_resume(tmp_path):
+    """Lightning starts metrics.csv afresh; the earlier rows are set aside and put back first,
+    under both runs' columns (also when a run died between the two steps)."""
+    import csv
+
+    from histocsc.learn import metrics_csv
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics.csv").write_text("epoch,train/loss\n0,0.9\n")
+    metrics_csv.set_aside(logs)
+    assert not (logs / "metrics.csv").exists()
+    (logs / "metrics.csv").write_text("epoch,val/auroc_mean\n1,0.7\n")  # a run that then died
+    metrics_csv.set_aside(logs)
+    (logs / "metrics.csv").write_text("epoch,train/loss\n2,0.5\n")
+    metrics_csv.put_back(logs)
+    with (logs / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert rows[1] == {"epoch": "1", "train/loss": "", "val/auroc_mean": "0.7"}
+    assert sorted(p.name for p in logs.iterdir()) == ["metrics.csv"]

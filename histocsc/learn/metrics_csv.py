@@ -19,27 +19,28 @@ EARLIER_CSV = "metrics.earlier.csv"
 
 
 def set_aside(log_dir: Path) -> None:
-    """Move metrics.csv out of Lightning's way (appending it to rows set aside before)."""
-    current, earlier = log_dir / METRICS_CSV, log_dir / EARLIER_CSV
-    if not current.is_file():
-        return
-    if earlier.is_file():
-        _merge(earlier, current, earlier)
-        current.unlink()
-    else:
-        os.replace(current, earlier)
+    """Move metrics.csv out of Lightning's way (after rows set aside before, if any)."""
+    if (log_dir / METRICS_CSV).is_file():
+        _fold(log_dir / EARLIER_CSV, log_dir / METRICS_CSV, into=log_dir / EARLIER_CSV)
 
 
 def put_back(log_dir: Path) -> None:
     """metrics.csv = the rows set aside, then this run's rows."""
-    current, earlier = log_dir / METRICS_CSV, log_dir / EARLIER_CSV
-    if not earlier.is_file():
-        return
-    if current.is_file():
-        _merge(earlier, current, current)
-        earlier.unlink()
-    else:
-        os.replace(earlier, current)
+    if (log_dir / EARLIER_CSV).is_file():
+        _fold(log_dir / EARLIER_CSV, log_dir / METRICS_CSV, into=log_dir / METRICS_CSV)
+
+
+def _fold(first: Path, second: Path, into: Path) -> None:
+    """`into` = the rows of `first` then those of `second` (either may be absent); the other
+    file is removed."""
+    present = [p for p in (first, second) if p.is_file()]
+    if len(present) == 2:
+        _merge(first, second, into)
+    elif present and present[0] != into:
+        os.replace(present[0], into)
+    for path in (first, second):
+        if path != into:
+            path.unlink(missing_ok=True)
 
 
 def _merge(first: Path, second: Path, out: Path) -> None:

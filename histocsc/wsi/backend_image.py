@@ -39,9 +39,8 @@ class ImageSlide(Slide):
 
     @property
     def image(self) -> np.ndarray:
-        if self._image is None:
-            raise SlideError(f"{self.path}: the slide is closed")
-        return self._image
+        """The shared decoded pixels (read-only)."""
+        return self._opened(self._image)
 
     def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         return self.image[y : y + h, x : x + w].copy()

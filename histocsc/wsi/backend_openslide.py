@@ -51,9 +51,8 @@ class OpenSlideSlide(Slide):
 
     @property
     def osr(self) -> openslide.OpenSlide:
-        if self._osr is None:
-            raise SlideError(f"{self.path}: the slide is closed")
-        return self._osr
+        """The OpenSlide handle."""
+        return self._opened(self._osr)
 
     def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         try:

@@ -19,7 +19,7 @@ import logging
 import math
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import cv2
 import numpy as np
@@ -36,6 +36,7 @@ PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CHUNK_PX = 4096  # reads larger than this (per side, at the read level) are done in blocks
 MPP_HINT = "pass the pixel size with --mpp (microns per pixel at full resolution, e.g. 0.5 for 20x)"
 WHITE = (255, 255, 255)
+H = TypeVar("H")
 log = logging.getLogger(__name__)
 
 
@@ -79,6 +80,12 @@ class Slide(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the file and the pixels."""
+
+    def _opened(self, handle: H | None) -> H:
+        """`handle` (the backend's open file or pixels); a SlideError once the slide is closed."""
+        if handle is None:
+            raise SlideError(f"{self.path}: the slide is closed")
+        return handle
 
     def read_level0_raw(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Level-0 pixels of (x, y, w, h) as the backend holds them (`raw_conversion` makes them
