@@ -8,10 +8,10 @@ row order, readable with `np.load(path, mmap_mode="r")`.
 Speed: tiles are read in runs of neighbours by `histocsc.wsi.reader.TileReader` (for Aperio SVS
 and generic tiled TIFFs, level-0 tiles decoded directly) and written with pwrite into a `.npy`
 created with `np.lib.format.open_memmap`. The grid is cut into bands of rows that worker
-processes (`histocsc.wsi.pool`) fill in parallel, each with its own slide handle; so one big
-slide uses every worker, and so do many small ones. Every output is written under a temporary
-name and renamed; `grid.json` is written last, so a slide counts as finished only when its
-sidecar exists and its parameters and slide checksum match the current run.
+processes fill in parallel, each with its own slide handle; so one big slide uses every worker,
+and so do many small ones. Every output is written under a temporary name and renamed;
+`grid.json` is written last, so a slide counts as finished only when its sidecar exists and its
+parameters and slide checksum match the current run.
 """
 
 from __future__ import annotations
@@ -20,20 +20,23 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import math
+import multiprocessing
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from histocsc.cpu import cpu_count
-from histocsc.errors import DataError, HistocscError, SlideError, SlideNotFoundError
+from histocsc.errors import DataError, HistocscError, SlideError
 from histocsc.io import atomic_path, file_checksum, read_json
 from histocsc.wsi.grid import GRID_JSON, TileGrid, TilesConfig, make_grid
-from histocsc.wsi.pool import process_pool, unordered
 from histocsc.wsi.reader import close_readers, process_reader
 from histocsc.wsi.slide import open_slide
 from histocsc.wsi.tissue import tissue_mask
@@ -93,7 +96,7 @@ def find_slides(inputs: list[Path]) -> list[Path]:
                 raise SlideError(f"{item}: folder holds no slide files ({known})")
             found.extend(inside)
         elif not item.exists():
-            raise SlideNotFoundError(f"{item}: file not found")
+            raise SlideError(f"{item}: file not found")
         else:
             found.append(item)
     return found
@@ -249,6 +252,55 @@ def chunk_ranges(boxes: np.ndarray, target: int) -> list[tuple[int, int]]:
     return ranges
 
 
+# -- several slides ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _executor(workers: int) -> Iterator[cf.Executor | None]:
+    if workers <= 1:
+        yield None
+        return
+    ctx = multiprocessing.get_context("spawn")
+    # Workers start with SIGINT ignored (they inherit it), so Ctrl-C stops only the main
+    # process, which cancels what is queued and removes temporary files, without a traceback
+    # from every worker.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        list(pool.map(_started, range(workers)))  # start every worker now
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    with pool:
+        yield pool
+
+
+def _started(_: int) -> bool:
+    return True
+
+
+def _unordered(
+    pool: cf.Executor | None, fn: Callable[..., Any], jobs: dict[Any, tuple]
+) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """Run `fn(*args)` for each `key: args`; yield (key, result, error) as each finishes."""
+    if pool is None:
+        for key, args in jobs.items():
+            try:
+                result = fn(*args)
+            except Exception as exc:  # noqa: BLE001 - reported per slide, as from a pool
+                yield key, None, exc
+            else:
+                yield key, result, None
+        return
+    futures = {pool.submit(fn, *args): key for key, args in jobs.items()}
+    try:
+        for fut in cf.as_completed(futures):
+            exc = fut.exception()
+            yield futures[fut], (None if exc else fut.result()), exc
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+
 def _message(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, HistocscError) else f"{exc.__class__.__name__}: {exc}"
 
@@ -276,11 +328,11 @@ def tile_slides(
             todo.append(task)
     bar = progress or _no_progress
     processes = min(workers, cpu_count()) if todo else 1
-    with process_pool(processes) as pool:
+    with _executor(processes) as pool:
         prepared: dict[SlideTask, tuple[TileGrid, Path | None]] = {}
         with bar("tissue", len(todo), "slides") as advance:
             jobs = {t: (t, cfg, save_images) for t in todo}
-            for task, result, exc in unordered(pool, prepare_slide, jobs):
+            for task, result, exc in _unordered(pool, prepare_slide, jobs):
                 advance(1)
                 if exc is not None:
                     results[task].error = _message(exc)
@@ -320,7 +372,7 @@ def _fill_stores(
     if not jobs:
         return
     with bar("tiles", total, "tiles") as advance:
-        for (task, _), n_read, exc in unordered(pool, read_chunk, jobs):
+        for (task, _), n_read, exc in _unordered(pool, read_chunk, jobs):
             if exc is not None:
                 results[task].error = results[task].error or _message(exc)
             else:
