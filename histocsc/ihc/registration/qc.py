@@ -12,7 +12,8 @@
 - Tissue overlap within the common frame.
 
 `poor` when there are too few clear blocks, their median shift exceeds `poor_error_um`, the
-tissue overlaps poorly, or many feature inliers disagree with the final transform.
+tissue overlaps poorly (unless many feature inliers confirm the pose), or many feature inliers
+disagree with the final transform.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MIN_TISSUE_OVERLAP = 0.5  # poor: tissue masks overlap less than this in the com
 AGREE_UM = 60.0  # a feature match agrees with the transform within this
 STRONG_FEATURES = 12  # this many RANSAC inliers is strong evidence of a pose
 MIN_AGREE_FRACTION = 0.5  # poor: strong feature evidence, and fewer agree than this
+CONFIRM_FRACTION = 0.8  # strong feature evidence with this many agreeing confirms the pose
 
 
 def assess(
@@ -150,9 +152,11 @@ def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, 
         why.append(
             f"block residual {error['residual_um_median']} µm > {cfg.poor_error_um:g} µm"
         )
-    if error["tissue_overlap"] < MIN_TISSUE_OVERLAP:
-        why.append(f"tissue overlaps poorly ({error['tissue_overlap']})")
     n, agree = error["feature_inliers"], error["feature_agree"]
+    confirmed = n >= STRONG_FEATURES and agree >= CONFIRM_FRACTION * n
+    if error["tissue_overlap"] < MIN_TISSUE_OVERLAP and not confirmed:
+        # masks of a pale IHC and its H&E can differ; many agreeing features outweigh that
+        why.append(f"tissue overlaps poorly ({error['tissue_overlap']})")
     if n >= STRONG_FEATURES and agree < MIN_AGREE_FRACTION * n:
         why.append(f"{n - agree} of {n} feature matches disagree with the transform")
     return bool(why), why
