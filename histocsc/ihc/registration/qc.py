@@ -33,7 +33,7 @@ MIN_BLOCK_PX = 48  # ... and at least this many px, so a block holds some struct
 SEARCH_UM = 200.0  # largest shift searched per block
 MAX_BLOCKS = 400  # at most about this many block positions
 MIN_PEAK = 0.5  # a block's best match counts as clear from this NCC
-MIN_CLEAR_BLOCKS = 3  # poor: fewer clear blocks than this
+MIN_CLEAR_BLOCKS = 6  # poor: fewer clear blocks than this (unless features confirm the pose)
 MIN_CLEAR_FRACTION = 0.2  # poor: fewer than this fraction of the tried blocks are clear
 MIN_TISSUE_OVERLAP = 0.5  # poor: tissue masks overlap less than this in the common frame
 AGREE_UM = 60.0  # a feature match agrees with the transform within this
@@ -144,7 +144,10 @@ def feature_agreement(matches: Matches | None, maps, work_mpp: float) -> dict[st
 def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, list[str]]:
     """Whether the evidence says the registration is unreliable, and why."""
     why = []
-    if error["blocks"] < MIN_CLEAR_BLOCKS or error["blocks_clear_fraction"] < MIN_CLEAR_FRACTION:
+    n, agree = error["feature_inliers"], error["feature_agree"]
+    confirmed = n >= STRONG_FEATURES and agree >= CONFIRM_FRACTION * n
+    few = error["blocks"] < MIN_CLEAR_BLOCKS and not confirmed
+    if few or error["blocks_clear_fraction"] < MIN_CLEAR_FRACTION:
         why.append(
             f"few tissue blocks match clearly ({error['blocks']} of {error['blocks_tried']})"
         )
@@ -152,8 +155,6 @@ def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, 
         why.append(
             f"block residual {error['residual_um_median']} µm > {cfg.poor_error_um:g} µm"
         )
-    n, agree = error["feature_inliers"], error["feature_agree"]
-    confirmed = n >= STRONG_FEATURES and agree >= CONFIRM_FRACTION * n
     if error["tissue_overlap"] < MIN_TISSUE_OVERLAP and not confirmed:
         # masks of a pale IHC and its H&E can differ; many agreeing features outweigh that
         why.append(f"tissue overlaps poorly ({error['tissue_overlap']})")
