@@ -66,7 +66,7 @@ def main(
 
 PathArg = Annotated[Path, typer.Argument(help="A path.")]
 
-# --- tiles command (wsi helper) ---
+# --- tiles command ---
 @app.command()
 @user_errors
 def tiles(
@@ -114,7 +114,7 @@ def tiles(
         raise SlideError(f"{len(failed)} of {len(results)} slides failed (see above)")
 
 
-# --- phantom command (phantom helper) ---
+# --- phantom command ---
 
 
 @app.command()
@@ -143,7 +143,7 @@ def phantom(
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
-# --- register / transform-points commands (ihc helper) ---
+# --- register / transform-points commands ---
 
 
 @app.command("register")
@@ -206,7 +206,7 @@ def transform_points_command(
     direction = "fixed -> moving" if inverse else "moving -> fixed"
     typer.echo(f"wrote {out} ({len(index)} points, {direction})")
 
-# --- label / prepare commands (labels helper) ---
+# --- label / prepare commands ---
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="Stage YAML, as in configs/ (default: built-in).")
 ]
@@ -273,7 +273,7 @@ def prepare(
     run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare")
 
 
-# --- train command (learn helper) ---
+# --- train command ---
 @app.command("train")
 @user_errors
 def train_command(
@@ -310,7 +310,7 @@ def train_command(
     typer.echo(f"run folder: {result.run_dir}")
 
 
-# --- export / infer commands (predict helper) ---
+# --- export / infer commands ---
 
 
 @app.command("export")
@@ -414,7 +414,7 @@ def infer_command(
         raise typer.Exit(1)
 
 
-# --- serve command (serve helper) ---
+# --- serve command ---
 
 
 @app.command()
@@ -452,7 +452,7 @@ def serve(
         max_queued_jobs=max_queued_jobs, model_name=model_name, device=device))
 
 
-# --- demo command (lead) ---
+# --- demo command ---
 
 
 @app.command()

@@ -15,9 +15,8 @@ import numpy as np
 
 from histocsc.config import StrictModel
 from histocsc.errors import ConfigError
+from histocsc.wsi.optical_density import optical_density
 
-BACKGROUND = 255.0
-MAX_OD = float(np.log10(BACKGROUND))
 # dab_od: residual below -RESIDUAL_GATE x DAB means the colour is not H-DAB (e.g. eosin)
 RESIDUAL_GATE = 0.1
 
@@ -97,16 +96,6 @@ def stains_from_config(cfg: StainConfig, rgb: np.ndarray | None = None) -> Stain
             raise ConfigError("stains.name 'macenko' needs an image to estimate vectors from")
         return macenko_stains(rgb)
     return named_stains(cfg.name)
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Base-10 OD per channel, float32 (H, W, 3), from uint8 RGB (white = 0)."""
-    rgb = np.asarray(rgb)
-    lut = -np.log10(np.clip(np.arange(256, dtype=np.float64), 1, BACKGROUND) / BACKGROUND)
-    if rgb.dtype == np.uint8:
-        return lut.astype(np.float32)[rgb[..., :3]]
-    values = np.clip(rgb[..., :3].astype(np.float64), 1, BACKGROUND)
-    return (-np.log10(values / BACKGROUND)).astype(np.float32)
 
 
 def deconvolve(rgb: np.ndarray, stains: Stains | str = "H-DAB") -> np.ndarray:

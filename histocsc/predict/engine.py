@@ -7,7 +7,6 @@ bounded queue of tile batches in grid order while onnxruntime computes on the pr
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import deque
@@ -20,26 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from histocsc.errors import ConfigError, DataError, ModelError
+from histocsc.cpu import cpu_count
+from histocsc.errors import (
+    ConfigError,
+    DataError,
+    DataNotFoundError,
+    ModelError,
+    ModelNotFoundError,
+)
 from histocsc.io import file_checksum, write_json
 from histocsc.learn.metadata import decode_metadata
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
-from histocsc.wsi.extract import TileReader
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
+from histocsc.wsi.reader import TileReader
 from histocsc.wsi.slide import Slide, open_slide
 
 DEVICES = ("auto", "cpu", "cuda")
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
                   ".bif"}
-
-
-def cpu_count() -> int:
-    """Cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def choose_providers(device: str) -> tuple[list[Any], str]:
@@ -70,7 +68,7 @@ class Engine:
 
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise ModelError(f"{self.path}: model file not found")
+            raise ModelNotFoundError(f"{self.path}: model file not found")
         providers, self.device = choose_providers(device)
         self.threads = threads or cpu_count()
         opts = ort.SessionOptions()
@@ -255,7 +253,7 @@ def collect_slides(inputs: list[Path]) -> list[Path]:
         elif path.is_file():
             slides.append(path)
         else:
-            raise DataError(f"{path}: no such slide file or folder")
+            raise DataNotFoundError(f"{path}: no such slide file or folder")
     unique = list(dict.fromkeys(p.resolve() for p in slides))
     stems: dict[str, Path] = {}
     for p in unique:
