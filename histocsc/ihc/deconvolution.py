@@ -142,6 +142,24 @@ def dab_positive(
     return dab_od(rgb, residual_gate) > threshold
 
 
+def dab_background(dab: np.ndarray, tissue: np.ndarray, floor: float) -> float:
+    """Non-specific DAB OD of a slide: the median DAB OD of its clearly negative tissue.
+
+    Tissue pixels are split in two by Otsu on their DAB OD, the split bounded below by `floor`
+    (a slide with no positive class keeps all tissue below `floor` as negative); the median of
+    the lower class is the background tint. 0 when there is too little tissue.
+    """
+    values = np.asarray(dab, np.float32)[np.asarray(tissue, bool)]
+    if values.size < 100:
+        return 0.0
+    values = np.clip(values, 0, 2.0)
+    u8 = np.round(values / 2.0 * 255).astype(np.uint8).reshape(-1, 1)
+    otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    split = max(float(otsu) / 255 * 2.0, floor)
+    negative = values[values < split]
+    return float(np.median(negative)) if negative.size else 0.0
+
+
 def hematoxylin_od(rgb: np.ndarray, stains: Stains | str = "H-DAB") -> np.ndarray:
     """Hematoxylin OD (H, W) float32 (H-DAB matrix by default; pass 'H&E' for H&E slides)."""
     if isinstance(stains, str):
