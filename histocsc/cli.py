@@ -77,7 +77,7 @@ def main(
 
 PathArg = Annotated[Path, typer.Argument(help="A path.")]
 
-# --- tiles command (wsi helper) ---
+# --- tiles command ---
 @app.command()
 @user_errors
 def tiles(
@@ -123,7 +123,7 @@ def tiles(
         raise SlideError(f"{len(failed)} of {len(results)} slides failed (see above)")
 
 
-# --- phantom command (phantom helper) ---
+# --- phantom command ---
 
 
 @app.command()
@@ -154,7 +154,7 @@ def phantom(
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
-# --- register / transform-points commands (ihc helper) ---
+# --- register / transform-points commands ---
 
 
 @app.command("register")
@@ -229,7 +229,7 @@ def transform_points_command(
     direction = "fixed -> moving" if inverse else "moving -> fixed"
     typer.echo(f"wrote {out} ({len(index)} points, {direction})")
 
-# --- label / prepare commands (labels helper) ---
+# --- label / prepare commands ---
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="Stage YAML, as in configs/ (default: built-in).")
 ]
@@ -308,7 +308,7 @@ def prepare(
                    force=force, shard=part)
 
 
-# --- train command (learn helper) ---
+# --- train command ---
 @app.command("train")
 @user_errors
 def train_command(
@@ -350,7 +350,7 @@ def train_command(
     typer.echo(f"run folder: {result.run_dir}")
 
 
-# --- export / infer commands (predict helper) ---
+# --- export / infer commands ---
 
 
 @app.command("export")
@@ -418,8 +418,12 @@ def export_command(
 @user_errors
 def infer_command(
     slides: SlidesArg,
-    model: Annotated[Path, typer.Option("--model", help="ONNX model from `histocsc export`.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="ONNX model from `histocsc export` (default: the built-in "
+                     "phantom-trained demonstration model, research use only)."),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Tiles per batch.")] = 32,
     workers: Annotated[
@@ -446,6 +450,12 @@ def infer_command(
     from histocsc.wsi.discover import find_slides
 
     force = force_or_overwrite(force, overwrite)
+    if model is None:
+        from histocsc.models import NOTICE, builtin_model_path
+
+        model = builtin_model_path()
+        typer.secho(f"using the built-in model {model.name} ({NOTICE}); "
+                    "give --model for your own", fg=typer.colors.YELLOW)
     found = find_slides(slides, recursive)
     if shard is not None:
         index, count = parse_shard(shard)
@@ -463,6 +473,13 @@ def infer_command(
                         progress=lambda name, total: progress_bar(name, total))
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
                f"{len(report.failed)} failed")
+    if len(found) > 1 or any(p.is_dir() for p in slides):
+        from histocsc.predict.cohort_report import write_cohort_summary
+
+        table, page = write_cohort_summary(out, found, report.failed)
+        typer.echo(f"cohort: {table} and {page}")
+    elif report.done:
+        typer.echo(f"report: {out / report.done[0].stem / 'report.html'}")
     for path, message in report.failed:
         where = "" if str(path) in message else f"{path}: "
         typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
@@ -472,7 +489,7 @@ def infer_command(
         raise typer.Exit(1)
 
 
-# --- serve command (serve helper) ---
+# --- serve command ---
 
 
 @app.command()
@@ -510,7 +527,7 @@ def serve(
         max_queued_jobs=max_queued_jobs, model_name=model_name, device=device))
 
 
-# --- demo command (lead) ---
+# --- demo command ---
 
 
 @app.command()
@@ -536,6 +553,8 @@ def demo(
     for name in summary["outputs"]["heatmaps"]:
         typer.echo(f"look at: {name}/ (heatmap_*.png, tiles.geojson for QuPath)")
     typer.echo(f"summary: {out / 'demo_summary.json'}")
+    for page in summary["outputs"]["reports"]:
+        typer.echo(f"open the report in a browser: {page}")
 
 
 def run() -> None:

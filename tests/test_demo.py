@@ -33,3 +33,5 @@ def test_demo_end_to_end_on_held_out_case(tmp_path: Path) -> None:
                  "scores.csv", "tiles.geojson", "summary.json", "score_grid.npy"):
         assert (heatmaps / name).is_file(), name
     assert "test-case AUROC" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]  # the demo ends by pointing at the report
+    assert last.endswith("report.html") and (tmp_path / last.split(": ")[-1]).is_file(), last

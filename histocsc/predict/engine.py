@@ -7,7 +7,6 @@ bounded queue of tile batches in grid order while onnxruntime computes on the pr
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 import traceback
@@ -21,29 +20,28 @@ from typing import Any
 
 import numpy as np
 
-from histocsc.errors import ConfigError, HistocscError, ModelError
+from histocsc.cpu import cpu_count
+from histocsc.errors import (
+    ConfigError,
+    HistocscError,
+    ModelNotFoundError,
+)
 from histocsc.io import file_checksum, write_json
 from histocsc.learn.metadata import decode_metadata
+from histocsc.models import builtin_facts
 from histocsc.predict.model_check import check_batch, check_graph
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
+from histocsc.predict.report import REPORT, write_report
 from histocsc.predict.rerun import MANIFEST, make_manifest, redo_reason, write_manifest
 from histocsc.predict.session import open_session
-from histocsc.wsi.extract import TileReader
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
 from histocsc.wsi.preflight import check_tiling, open_with_pixel_size
+from histocsc.wsi.reader import TileReader
 from histocsc.wsi.slide import Slide
 
 DEVICES = ("auto", "cpu", "cuda")
 ERROR_TXT = "error.txt"
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
-
-
-def cpu_count() -> int:
-    """Cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def choose_providers(device: str) -> tuple[list[Any], str]:
@@ -74,7 +72,7 @@ class Engine:
 
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise ModelError(f"{self.path}: model file not found")
+            raise ModelNotFoundError(f"{self.path}: model file not found")
         providers, self.device = choose_providers(device)
         self.threads = threads or cpu_count()
         opts = ort.SessionOptions()
@@ -111,7 +109,8 @@ class Engine:
     def model_info(self) -> dict[str, Any]:
         """What summary.json records about the model."""
         return {"path": str(self.path.resolve()), "checksum": self.checksum,
-                **self.meta, "device": self.device, "threads": self.threads}
+                **self.meta, "device": self.device, "threads": self.threads,
+                **builtin_facts(self.checksum)}
 
 
 @dataclass
@@ -245,6 +244,8 @@ def infer_slide(
     timings |= {"outputs": t3 - t2, "total": t3 - t0}
     write_manifest(out_dir, manifest_for(engine, slide_path, slide_info["checksum"],
                                          tiles.slide_mpp, options))
+    summary["outputs"].append(REPORT)
+    write_report(out_dir, summary, thumb)
     write_json(out_dir / SUMMARY, summary)  # last: its presence marks the slide finished
     return summary
 

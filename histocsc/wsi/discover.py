@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from histocsc.errors import SlideError
+from histocsc.errors import SlideError, SlideNotFoundError
 
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
@@ -52,7 +52,7 @@ def find_slides(inputs: list[Path], recursive: bool = False) -> list[Path]:
         elif item.is_file():
             found.append(item)
         else:
-            raise SlideError(f"{item}: file not found")
+            raise SlideNotFoundError(f"{item}: file not found")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     stems: dict[str, Path] = {}
     for path in unique:
