@@ -76,9 +76,7 @@ class LabelConfig(StrictModel):
     max_registration_error_um: float = Field(
         45.0, gt=0, description="a marker whose registration error estimate exceeds this is flagged"
     )
-    min_error_blocks: int = Field(
-        5, ge=1, description="the error estimate counts only when measured on this many blocks"
-    )
+    min_error_blocks: int = Field(5, ge=1, description="blocks an error estimate needs to count")
     min_tissue_overlap: float = Field(
         0.75, ge=0, le=1, description="a marker whose registered tissue overlaps less is flagged"
     )

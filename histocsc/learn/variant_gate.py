@@ -85,7 +85,8 @@ def labelled_run_tiles(meta: dict[str, Any], tile_px: int,
                        limit: int = 512) -> tuple[np.ndarray, np.ndarray] | None:
     """Tiles and labels (N, markers; -1 unknown) of the run's test cases (else validation
     cases) from their tile stores; None when the run does not name them or they are gone."""
-    from histocsc.learn.data import DataConfig, load_case
+    from histocsc.learn.cases import load_case
+    from histocsc.learn.data import DataConfig
 
     data = (meta.get("summary") or {}).get("data") or {}
     root, markers = data.get("root"), list(meta.get("markers", []))

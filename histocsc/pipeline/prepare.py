@@ -27,13 +27,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from histocsc.cohort import Cohort, CohortCase, read_cohort
 from histocsc.errors import DataError, HistocscError, LabelError, RegistrationError
-from histocsc.ihc.labels import LabelConfig, MarkerLabels, label_slide, write_label_map
+from histocsc.ihc.labels import LabelConfig, MarkerLabels, label_slide
 from histocsc.ihc.registration import RegistrationConfig
 from histocsc.io import atomic_path, file_checksum, read_json, write_json
+from histocsc.pipeline.label_files import (
+    label_counts,
+    unlabelled,
+    write_label_maps,
+    write_labels_csv,
+)
 from histocsc.workers import process_pool
 from histocsc.wsi.extract import TILES_NPY
 from histocsc.wsi.grid import COLUMNS, GRID_CSV, GRID_JSON, TileGrid, TilesConfig
@@ -75,26 +79,6 @@ def _load_state(case_dir: Path) -> dict[str, str]:
 def _record(case_dir: Path, state: dict[str, str], step: str, digest: str) -> None:
     state[step] = digest
     write_json(case_dir / STATE_FILE, state)
-
-
-def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, MarkerLabels]):
-    """`labels.csv`: every grid column, then `<M>_fraction` (nan: no IHC tissue) and `<M>_label`."""
-    header = list(grid) + [c for m in labels for c in (f"{m}_fraction", f"{m}_label")]
-    columns = list(grid.values())
-    for result in labels.values():
-        columns += [result.fraction, result.label]
-    n = len(columns[0]) if columns else 0
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for i in range(n):
-            writer.writerow([_cell(col[i]) for col in columns])
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, (np.floating, float)):
-        return "nan" if not np.isfinite(value) else f"{float(value):.6g}"
-    return str(int(value))
 
 
 # -- the adapters onto the tiles and registration stages ---------------------------------------
@@ -219,16 +203,16 @@ def prepare_case(
         except (RegistrationError, LabelError) as exc:
             qc["registration_ok"] = False
             qc["error"] = str(exc)
-            result = _unlabelled(len(xywh))
+            result = unlabelled(len(xywh))
         if not qc["registration_ok"]:  # keep fractions for inspection, never use the labels
             result.label[:] = -1
         results[marker] = result
-        qc.update(_counts(result.label))
+        qc.update(label_counts(result.label))
         qc["dab_od_threshold"] = getattr(result, "dab_od_threshold", None)
         marker_qc[marker] = qc
 
     write_labels_csv(case_dir / LABELS_CSV, {c: grid.table[c] for c in COLUMNS}, results)
-    _write_label_maps(case.he, case_dir, xywh, he_size, results, label_cfg, he_mpp)
+    write_label_maps(case.he, case_dir, xywh, he_size, results, label_cfg, he_mpp)
     ok = all(q["registration_ok"] for q in marker_qc.values())
     summary = {
         "case": case.case,
@@ -269,39 +253,6 @@ def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str
                 f"max_registration_error_um {cfg.max_registration_error_um:g}"
             )
     return True, ""
-
-
-def _unlabelled(n: int) -> MarkerLabels:
-    return MarkerLabels(
-        fraction=np.full(n, np.nan), tissue=np.zeros(n), label=np.full(n, -1, np.int8)
-    )
-
-
-def _counts(label: np.ndarray) -> dict[str, int]:
-    return {
-        "positive": int((label == 1).sum()),
-        "negative": int((label == 0).sum()),
-        "ignored": int((label == -1).sum()),
-    }
-
-
-def _write_label_maps(
-    he: Path,
-    case_dir: Path,
-    xywh: np.ndarray,
-    he_size: tuple[int, int],
-    results: dict[str, MarkerLabels],
-    cfg: LabelConfig,
-    he_mpp: float | None = None,
-) -> None:
-    from histocsc.wsi.slide import open_slide
-
-    with open_slide(he, fallback_mpp=he_mpp) as slide:
-        mpp = max(slide.mpp, max(he_size) * slide.mpp / cfg.label_map_max_px)
-        thumb = slide.thumbnail(mpp)
-    scale = thumb.shape[1] / he_size[0]
-    for marker, result in results.items():
-        write_label_map(case_dir / f"label_map_{marker}.png", thumb, scale, xywh, result.label)
 
 
 # -- the cohort --------------------------------------------------------------------------------

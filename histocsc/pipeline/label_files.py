@@ -1,0 +1,65 @@
+"""A prepared case's label files: labels.csv (one row a tile) and the label_map_<M>.png pictures."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histocsc.ihc.labels import LabelConfig, MarkerLabels, write_label_map
+from histocsc.io import atomic_path
+
+
+def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, MarkerLabels]):
+    """`labels.csv`: every grid column, then `<M>_fraction` (nan: no IHC tissue) and `<M>_label`."""
+    header = list(grid) + [c for m in labels for c in (f"{m}_fraction", f"{m}_label")]
+    columns = list(grid.values())
+    for result in labels.values():
+        columns += [result.fraction, result.label]
+    n = len(columns[0]) if columns else 0
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i in range(n):
+            writer.writerow([_cell(col[i]) for col in columns])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (np.floating, float)):
+        return "nan" if not np.isfinite(value) else f"{float(value):.6g}"
+    return str(int(value))
+
+
+def unlabelled(n: int) -> MarkerLabels:
+    return MarkerLabels(
+        fraction=np.full(n, np.nan), tissue=np.zeros(n), label=np.full(n, -1, np.int8)
+    )
+
+
+def label_counts(label: np.ndarray) -> dict[str, int]:
+    return {
+        "positive": int((label == 1).sum()),
+        "negative": int((label == 0).sum()),
+        "ignored": int((label == -1).sum()),
+    }
+
+
+def write_label_maps(
+    he: Path,
+    case_dir: Path,
+    xywh: np.ndarray,
+    he_size: tuple[int, int],
+    results: dict[str, MarkerLabels],
+    cfg: LabelConfig,
+    he_mpp: float | None = None,
+) -> None:
+    from histocsc.wsi.slide import open_slide
+
+    with open_slide(he, fallback_mpp=he_mpp) as slide:
+        mpp = max(slide.mpp, max(he_size) * slide.mpp / cfg.label_map_max_px)
+        thumb = slide.thumbnail(mpp)
+    scale = thumb.shape[1] / he_size[0]
+    for marker, result in results.items():
+        write_label_map(case_dir / f"label_map_{marker}.png", thumb, scale, xywh, result.label)
