@@ -362,6 +362,13 @@ def infer_command(
         str | None, typer.Option("--shard", help="I/N: process every N-th slide from the I-th.")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished slides.")] = False,
+    overlap: Annotated[
+        float | None, typer.Option("--overlap", help="Tile overlap 0 <= F < 1 (e.g. 0.5): scores "
+                                   "blended at the stride (finer heatmap, ~1/(1-F)^2 tiles).")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Step between tiles in model px (vs --overlap).")
+    ] = None,
 ) -> None:
     """Heatmaps, scores and QuPath tiles of stem-like regions for each slide."""
     from histocsc.predict.engine import (
@@ -385,7 +392,10 @@ def infer_command(
     # on the CPU, readers compete with onnxruntime for cores: reading a tile costs ~1/10 of
     # computing it, so a quarter of the cores keep the queue full; a GPU needs them all
     default_workers = cpu_count() if engine.device == "cuda" else max(1, cpu_count() // 4)
-    options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=mpp)
+    from histocsc.predict.blend import stride_px
+
+    options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=mpp,
+                           stride_px=stride_px(engine.tile_px, overlap, stride))
     report = run_slides(engine, found, out, options, say=typer.echo, overwrite=overwrite,
                         progress=lambda name, total: progress_bar(name, total))
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
@@ -395,6 +405,34 @@ def infer_command(
         typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
     if report.failed:
         raise typer.Exit(1)
+
+
+# --- evaluate command (issue 12) ---
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_command(
+    pred_dir: Annotated[Path, typer.Argument(help="One slide's folder of `histocsc infer`.")],
+    truth: Annotated[Path, typer.Option("--truth", help="Phantom case folder, QuPath GeoJSON, "
+                                        "or a prepared case folder (IHC labels).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder to write (default PRED_DIR/evaluation).")
+    ] = None,
+) -> None:
+    """Compare heatmaps with truth: AUROC, AP, Dice, IoU, ECE per marker, and pictures."""
+    from histocsc.evaluate.metrics import evaluate
+
+    out = out if out is not None else pred_dir / "evaluation"
+    result = evaluate(pred_dir, truth, out)
+    for marker, row in result["markers"].items():
+        tile, pixel = row["tile"], row["pixel"]
+        auroc = "n/a" if tile["auroc"] is None else f"{tile['auroc']:.3f}"
+        ece = "n/a" if tile["ece"] is None else f"{tile['ece']:.3f}"
+        typer.echo(f"{marker}: cell Dice {tile['dice']:.3f} IoU {tile['iou']:.3f} AUROC {auroc} "
+                   f"ECE {ece}; pixel Dice {pixel['dice']:.3f} IoU {pixel['iou']:.3f} "
+                   f"(threshold {row['threshold']:.2f}, {tile['cells']} cells)")
+    typer.echo(f"wrote {out / 'evaluation.json'} ({result['truth']['kind']} truth)")
 
 
 # --- demo command (lead) ---
@@ -418,7 +456,11 @@ def demo(
                        say=typer.echo)
     typer.echo("")
     typer.echo(f"test-case AUROC per marker: {summary['test_auroc']}")
-    typer.echo(f"heatmap Dice vs phantom truth: {summary['heatmap_dice_vs_truth']}")
+    typer.echo(f"test-case ECE per marker (before -> after calibration): "
+               f"{summary['test_ece']}")
+    typer.echo(f"heatmap Dice vs phantom truth (overlap {summary['overlap']:g}), tile level: "
+               f"{summary['heatmap_dice_vs_truth']}; pixel level: "
+               f"{summary['pixel_dice_vs_truth']}")
     typer.echo(f"timings (s): {summary['timings_s']}")
     for name in summary["outputs"]["heatmaps"]:
         typer.echo(f"look at: {name}/ (heatmap_*.png, tiles.geojson for QuPath)")

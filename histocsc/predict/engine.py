@@ -49,6 +49,7 @@ def decode_metadata(props: dict[str, str], path: str | Path) -> dict[str, Any]:
             "training_summary": json.loads(props.get("training_summary", "{}")),
             "backbone": props.get("backbone", ""),
             "precision": props.get("precision", "fp32"),
+            "calibration": json.loads(props.get("calibration", "{}")),
         }
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{path}: malformed histocsc metadata ({exc})") from exc
@@ -146,6 +147,7 @@ class InferOptions:
     workers: int = 2
     slide_mpp: float | None = None  # overrides the slide's own pixel size (--mpp)
     min_tissue: float | None = None  # keep tiles with at least this tissue fraction
+    stride_px: int | None = None  # step between tiles in model px (--overlap/--stride); None: tile
 
 
 def read_batches(
@@ -196,10 +198,11 @@ def read_batches(
             r.close()
 
 
-def make_tiles(slide: Slide, tile_px: int, mpp: float, min_tissue: float | None) -> Tiles:
-    """Tissue mask and tile grid at the model's mpp and tile size."""
+def make_tiles(slide: Slide, tile_px: int, mpp: float, min_tissue: float | None,
+               stride_px: int | None = None) -> Tiles:
+    """Tissue mask and tile grid at the model's mpp and tile size (and stride, when given)."""
     extra = {} if min_tissue is None else {"min_tissue_fraction": min_tissue}
-    cfg = TilesConfig(tile_px=tile_px, mpp=mpp, **extra)
+    cfg = TilesConfig(tile_px=tile_px, mpp=mpp, stride_px=stride_px, **extra)
     return tiles_from_grid(make_grid(slide, cfg))
 
 
@@ -220,9 +223,18 @@ def tiles_from_grid(grid: TileGrid) -> Tiles:
     )
 
 
-def is_done(out_dir: Path) -> bool:
-    """A slide is finished when its summary.json exists (it is written last)."""
-    return (out_dir / SUMMARY).is_file()
+def is_done(out_dir: Path, stride_px: int | None = None, tile_px: int | None = None) -> bool:
+    """A slide is finished when its summary.json exists (it is written last) and, when
+    `stride_px` is given, was made with that tile stride (a summary without it: tile_px)."""
+    from histocsc.io import read_json
+
+    if not (out_dir / SUMMARY).is_file():
+        return False
+    try:
+        made = read_json(out_dir / SUMMARY).get("inference", {})
+    except (OSError, ValueError):
+        return False
+    return stride_px is None or made.get("stride_px", tile_px) == stride_px
 
 
 def infer_slide(
@@ -233,7 +245,8 @@ def infer_slide(
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     t0 = time.perf_counter()
     with open_slide(slide_path, mpp=options.slide_mpp) as slide:
-        tiles = make_tiles(slide, engine.tile_px, engine.mpp, options.min_tissue)
+        tiles = make_tiles(slide, engine.tile_px, engine.mpp, options.min_tissue,
+                           options.stride_px)
         t_mpp = thumbnail_mpp(*slide.dimensions, slide.mpp, engine.mpp)
         thumb = slide.thumbnail(t_mpp)
         slide_info = {"name": slide_path.stem, "path": str(slide_path.resolve()),
@@ -323,7 +336,8 @@ def run_slides(
     report = RunReport([], [], [])
     for n, path in enumerate(slides, 1):
         slide_out = out / path.stem
-        if is_done(slide_out) and not overwrite:
+        stride = options.stride_px or engine.tile_px
+        if is_done(slide_out, stride, engine.tile_px) and not overwrite:
             say(f"[{n}/{len(slides)}] {path.name}: already done, skipped ({slide_out / SUMMARY})")
             report.skipped.append(path)
             continue
