@@ -128,6 +128,9 @@ def phantom(
         "CD133,CD44"
     ),
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    fill_frame: Annotated[
+        bool, typer.Option("--fill-frame", help="Tissue fills the whole frame (no outline).")
+    ] = False,
 ) -> None:
     """Write synthetic H&E + IHC slide pairs with known truth, and a cohort.csv."""
     from histocsc.progress import progress_bar
@@ -136,7 +139,7 @@ def phantom(
     names = [m.strip() for m in markers.split(",") if m.strip()]
     total = cases * tiles_per_case(size_px, len(names))
     with progress_bar("phantom", total) as advance:
-        csv_path = make_cohort(out, cases, size_px, mpp, names, seed, advance)
+        csv_path = make_cohort(out, cases, size_px, mpp, names, seed, advance, fill_frame)
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
@@ -164,16 +167,22 @@ def register_command(
 ) -> None:
     """Align an IHC section (moving) to its H&E (fixed); writes transform.json and overlay.png."""
     from histocsc.config import load_config, parse_overrides
-    from histocsc.ihc.registration import RegistrationConfig, register
+    from histocsc.errors import HistocscError
+    from histocsc.ihc.registration import RegistrationConfig, register, save_failure
 
     cfg = load_config(RegistrationConfig, config, parse_overrides(set_ or []))
-    result = register(fixed, moving, mpp_fixed, mpp_moving, cfg)
+    options = ("--mpp-fixed", "--mpp-moving")
+    try:
+        result = register(fixed, moving, mpp_fixed, mpp_moving, cfg, mpp_options=options)
+    except HistocscError as exc:
+        save_failure(out, exc)  # no stale transform or overlay of an earlier run
+        raise
     path = result.save(out)
     err = result.error
+    poor = f", POOR: {'; '.join(err['poor_reasons'])} (check the overlay)" if result.poor else ""
     typer.echo(
         f"wrote {path} and {out / 'overlay.png'} (working {result.transform.working_mpp:g} µm/px, "
-        f"NCC {err['ncc']:.3f}, residual ~{err['residual_um_median']} µm median"
-        f"{', POOR: check the overlay' if result.poor else ''})"
+        f"NCC {err['ncc']:.3f}, residual ~{err['residual_um_median']} µm median{poor})"
     )
 
 
@@ -318,6 +327,9 @@ def export_command(
     check_tiles: Annotated[
         Path | None, typer.Option("--check-tiles", help="Tiles for the parity check.")
     ] = None,
+    triton_repo: Annotated[
+        Path | None, typer.Option("--triton-repo", help="Also write a Triton model repository.")
+    ] = None,
 ) -> None:
     """Export a trained model to ONNX (uint8 RGB tiles in, probabilities out), checking parity."""
     from histocsc.errors import ConfigError
@@ -339,6 +351,11 @@ def export_command(
     if result.fp16:
         typer.echo(f"wrote {result.fp16} (fp16; max |fp16 - PyTorch| = "
                    f"{result.fp16_max_abs_diff:.2e})")
+    if triton_repo is not None:
+        from histocsc.learn.triton_repo import write_triton_repo
+
+        typer.echo(f"wrote {write_triton_repo(result.fp32, triton_repo)} (Triton / KServe model "
+                   "repository: config.pbtxt, 1/model.onnx)")
 
 
 @app.command("infer")
@@ -405,6 +422,44 @@ def infer_command(
         typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
     if report.failed:
         raise typer.Exit(1)
+
+
+# --- serve command (serve helper) ---
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[Path, typer.Option("--model", help="ONNX model from `histocsc export`.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    slides_root: Annotated[
+        Path | None, typer.Option(help="Folder that slide-job paths must lie inside.")
+    ] = None,
+    data: Annotated[Path, typer.Option(help="Folder for job state and outputs.")] = Path(
+        "histocsc-serve"),
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="File holding the key every call but health needs.")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Dynamic batching: tiles per run.")] = 64,
+    max_queue_delay_ms: Annotated[
+        float, typer.Option(help="Dynamic batching: longest wait for a fuller batch.")
+    ] = 5.0,
+    max_tiles_per_request: Annotated[int, typer.Option(help="Tiles in one request.")] = 256,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest slide upload, MiB.")] = 4096.0,
+    max_queued_jobs: Annotated[int, typer.Option(help="Jobs queued or running before 429.")] = 16,
+    model_name: Annotated[str, typer.Option(help="Model name in /v2/models/NAME.")] = "histocsc",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Serve the model over HTTP: Open Inference Protocol (KServe v2) tiles and slide jobs."""
+    from histocsc.serve.app import run_server
+    from histocsc.serve.service import ServeSettings
+
+    run_server(ServeSettings(
+        model=model, host=host, port=port, slides_root=slides_root, data=data,
+        api_key_file=api_key_file, max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms,
+        max_tiles_per_request=max_tiles_per_request, max_upload_mb=max_upload_mb,
+        max_queued_jobs=max_queued_jobs, model_name=model_name, device=device))
 
 
 # --- evaluate command (issue 12) ---

@@ -111,9 +111,14 @@ def make_tiles(he: Path, case_dir: Path, tiles_cfg: TilesConfig) -> None:
 
 def register_marker(he: Path, ihc: Path, out_dir: Path, register_cfg: RegistrationConfig) -> None:
     """Register one IHC (moving) onto the H&E (fixed): writes out_dir/transform.json."""
-    from histocsc.ihc.registration import register
+    from histocsc.ihc.registration import register, save_failure
 
-    register(he, ihc, cfg=register_cfg).save(out_dir)
+    try:
+        result = register(he, ihc, cfg=register_cfg)
+    except HistocscError as exc:
+        save_failure(out_dir, exc)  # overlay of what was tried, never a stale one
+        raise
+    result.save(out_dir)
 
 
 def load_transform(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -229,6 +234,9 @@ def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str
     measured after alignment (`residual_um_median`), used only when it was measured on at least
     `min_error_blocks` tissue blocks: on a few blocks it is dominated by outliers.
     """
+    if error.get("poor"):
+        reasons = "; ".join(error.get("poor_reasons") or []) or "flagged poor"
+        return False, f"registration QC: {reasons}"
     overlap = error.get("tissue_overlap")
     error_um, blocks = error.get("residual_um_median"), int(error.get("blocks") or 0)
     if not isinstance(overlap, (int, float)) or overlap < cfg.min_tissue_overlap:

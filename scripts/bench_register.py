@@ -1,30 +1,245 @@
-"""Time `register` on a pair of 40000 x 30000 px pyramidal slides (target: under 60 s).
+"""Registration benchmark: real pairs, real-texture pairs, phantoms, the QC failure set, timing.
 
-The pair is the real rat-kidney H&E / pan-cytokeratin IHC pair (../shared/data/real/registration)
-scaled up to 40000 px wide at --mpp µm/px (default 0.25: a 10 x 7.5 mm section) and written
-tile by tile as pyramidal JPEG TIFFs (once, into --workdir; reused on later runs). Registration
-reads only a low-resolution level. The baseline, timed in the same run, is the same pair
-registered from the original 5 % JPEGs.
+    python scripts/bench_register.py [--seeds 11] [--skip big,qc,...] [--workdir DIR]
 
-    python scripts/bench_register.py [--workdir /tmp/bench_register]
+- real: the lung-lesion and rat-kidney pairs of ../shared/data/real/registration (and the
+  kidney cropped to its central 60 %): median landmark error (TRE, px) against no
+  registration and against an affine fitted to the landmarks themselves.
+- textured: real-texture pairs (histocsc.synthetic.pairs, 4 real images x --seeds): share of
+  pairs with median TRE <= 2 working px, and whether any is worse than identity.
+- phantom: generated cases (outlined sections and the fill-frame regime): median / p95 µm.
+- qc: the failure set (each good registration deliberately broken: shifts, rotations,
+  mirroring, scaling; unrelated sections; partial overlaps): false-accept rate (true median
+  error > 50 µm not flagged) and false-flag rate (true error <= 30 µm flagged).
+- big: a 40000 x 30000 px pyramidal pair (the kidney pair scaled up), target < 60 s, against
+  the 5 % JPEG pair timed in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import tempfile
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+import skimage.data
 from PIL import Image
 
-from histocsc.ihc.registration import register
+from histocsc.errors import RegistrationError
+from histocsc.ihc.registration import register, register_arrays
+from histocsc.ihc.registration.images import array_thumb
+from histocsc.ihc.registration.pipeline import assess_transform
+from histocsc.ihc.transform import read_points_csv
+from histocsc.synthetic.generate import make_case
+from histocsc.synthetic.pairs import identity_error, make_pair, real_sources
+from histocsc.synthetic.truth import landmarks, load_truth
 from histocsc.wsi.pyramid import write_pyramid_tiff
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "registration"
-PAIR = ("Rat-Kidney_HE.jpg", "Rat-Kidney_PanCytokeratin.jpg")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+KIDNEY = ("Rat-Kidney", "HE", "PanCytokeratin", 69)
+LUNG = ("Izd2-29-041-w35", "HE", "proSPC", 78)
 WIDTH, HEIGHT = 40000, 30000
+BAD_UM, GOOD_UM = 50.0, 30.0
+
+
+def load_pair(name: str, a: str, b: str, n: int):
+    """(fixed RGB, moving RGB, fixed landmarks, moving landmarks) in continuous px."""
+    folder = REAL / "registration"
+    f = np.asarray(Image.open(folder / f"{name}_{a}.jpg").convert("RGB"))
+    m = np.asarray(Image.open(folder / f"{name}_{b}.jpg").convert("RGB"))
+    pf = read_points_csv(folder / f"{name}_{a}.csv")[1][:n]
+    pm = read_points_csv(folder / f"{name}_{b}.csv")[1][:n]
+    return f, m, pf, pm
+
+
+def crop_pair(pair, boxes):
+    """Crop both images to fractional boxes (x0, x1, y0, y1); keep landmarks inside both."""
+    out = []
+    for img, pts, (x0, x1, y0, y1) in zip(pair[:2], pair[2:], boxes, strict=True):
+        h, w = img.shape[:2]
+        X0, X1, Y0, Y1 = int(x0 * w), int(x1 * w), int(y0 * h), int(y1 * h)
+        out.append((np.ascontiguousarray(img[Y0:Y1, X0:X1]), pts - [X0, Y0], (X1 - X0, Y1 - Y0)))
+    (f, pf, sf), (m, pm, sm) = out
+    keep = (pf >= 0).all(1) & (pf < sf).all(1) & (pm >= 0).all(1) & (pm < sm).all(1)
+    return f, m, pf[keep], pm[keep]
+
+
+def tre(transform, pf: np.ndarray, pm: np.ndarray) -> float:
+    return float(np.median(np.linalg.norm(transform.to_moving(pf) - pm, axis=1)))
+
+
+def affine_fit_residual(pf: np.ndarray, pm: np.ndarray) -> float:
+    a = np.c_[pf, np.ones(len(pf))]
+    x, *_ = np.linalg.lstsq(a, pm, rcond=None)
+    return float(np.median(np.linalg.norm(a @ x - pm, axis=1)))
+
+
+# -- sections ---------------------------------------------------------------------------------
+def real_pairs() -> dict:
+    kidney, lung = load_pair(*KIDNEY), load_pair(*LUNG)
+    cases = {
+        "lung-lesion (5 µm/px)": (lung, 5.0, 7.0),
+        "rat kidney, full (10 µm/px)": (kidney, 10.0, 3.3),
+        "rat kidney, central 60 % (10 µm/px)": (
+            crop_pair(kidney, [(0.2, 0.8, 0.2, 0.8)] * 2), 10.0, None
+        ),
+    }  # fmt: skip
+    print("\n## Real pairs (median TRE, px of the JPEGs)")
+    print(
+        "| pair | landmarks | none | landmark-fitted affine | registered | ratio | target "
+        "| poor | estimate µm | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    out = {}
+    for name, ((f, m, pf, pm), mpp, target) in cases.items():
+        t0 = time.perf_counter()
+        result = register_arrays(f, m, mpp, mpp)
+        secs = time.perf_counter() - t0
+        fit, err = affine_fit_residual(pf, pm), tre(result.transform, pf, pm)
+        target = target or 1.2 * fit
+        none = float(np.median(np.linalg.norm(pf - pm, axis=1)))
+        print(
+            f"| {name} | {len(pf)} | {none:.1f} | {fit:.2f} | {err:.2f} | {err / fit:.2f} | "
+            f"<= {target:.2f} {'ok' if err <= target else 'MISSED'} | {result.poor} | "
+            f"{result.error['residual_um_median']} | {secs:.1f} |"
+        )
+        out[name] = err
+    return out
+
+
+def textured_pairs(seeds: int) -> None:
+    sources = real_sources(REAL)
+    print(f"\n## Real-texture pairs ({len(sources)} images x {seeds} seeds; TRE in working px)")
+    rows = []
+    for k, (name, (rgb, mpp)) in enumerate(sources.items()):
+        for seed in range(seeds):
+            pair = make_pair(rgb, mpp, np.random.default_rng(10_000 + 100 * k + seed))
+            try:
+                result = register_arrays(pair.fixed, pair.moving, mpp, mpp)
+                err = tre(result.transform, pair.fixed_points, pair.moving_points)
+                err /= result.transform.working_mpp / mpp
+                poor = result.poor
+            except RegistrationError:
+                err, poor = math.inf, True
+            rows.append((name, seed, err, identity_error(pair), poor, pair.meta))
+    errs = np.array([r[2] for r in rows])
+    worse = sum(r[2] > r[3] for r in rows)
+    print(
+        f"pairs {len(rows)}; median TRE <= 2 working px: {np.mean(errs <= 2):.1%} "
+        f"(target >= 95 %); worse than identity: {worse}; median of medians {np.median(errs):.2f}"
+    )
+    for name, seed, err, ident, poor, meta in rows:
+        if err > 2:
+            print(f"  over 2 px: {name} {seed}: {err:.2f} (none {ident:.0f}) poor {poor} {meta}")
+    flagged_bad = [r for r in rows if r[2] * 1 > 10 and not r[4]]
+    print(f"  over 10 px and not flagged: {len(flagged_bad)}")
+
+
+def phantom(seeds: int, workdir: Path) -> None:
+    print("\n## Phantom cases (1024 px at 4 µm/px; µm)")
+    print("| regime | seed | median | p95 | poor |")
+    print("|---|---|---|---|---|")
+    for fill in (False, True):
+        for seed in range(seeds):
+            case = make_case(
+                workdir / ("fill" if fill else "outlined"), f"case{seed:03d}", 500 + seed,
+                size_px=1024, mpp=4.0, markers=("CD133",), fill_frame=fill,
+            )  # fmt: skip
+            truth = load_truth(case)
+            pairs = landmarks(truth, "CD133")
+            result = register(truth["he"]["path"], truth["markers"]["CD133"]["ihc"]["path"])
+            errs = np.linalg.norm(result.transform.to_moving(pairs[:, :2]) - pairs[:, 2:], axis=1)
+            errs *= 4.0
+            print(
+                f"| {'fill-frame' if fill else 'outlined'} | {seed} | {np.median(errs):.2f} | "
+                f"{np.percentile(errs, 95):.2f} | {result.poor} |"
+            )
+
+
+class _Broken:
+    """A registration composed with a deliberate error `a` (3x3, fixed level-0 px)."""
+
+    def __init__(self, transform, a: np.ndarray) -> None:
+        self.transform, self.a = transform, a
+
+    def to_moving(self, pts: np.ndarray) -> np.ndarray:
+        return self.transform.to_moving(pts @ self.a[:2, :2].T + self.a[:2, 2])
+
+
+def _breakage(kind: str, v: float, centre: np.ndarray, mpp: float) -> np.ndarray:
+    a = np.eye(3)
+    if kind == "shift":
+        th = math.radians(37 * v)
+        a[:2, 2] = v / mpp * np.array([math.cos(th), math.sin(th)])
+        return a
+    if kind == "rotate":
+        th = math.radians(v)
+        a[:2, :2] = [[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]]
+    elif kind == "mirror":
+        a[:2, :2] = np.diag([-1.0, 1.0])
+    else:
+        a[:2, :2] = np.eye(2) * v
+    a[:2, 2] = centre - a[:2, :2] @ centre
+    return a
+
+
+def qc_failure_set(mpp: float = 5.0) -> None:
+    kidney, lung = load_pair(*KIDNEY), load_pair(*LUNG)
+    good = {
+        "kidney": kidney,
+        "kidney-central60": crop_pair(kidney, [(0.2, 0.8, 0.2, 0.8)] * 2),
+        "lung": lung,
+        "lung-partial-x": crop_pair(lung, [(0, 0.75, 0, 1), (0.25, 1, 0, 1)]),
+        "lung-partial-xy": crop_pair(lung, [(0, 0.7, 0, 0.8), (0.3, 1, 0.2, 1)]),
+    }
+    breaks = [("shift", v) for v in (20, 40, 60, 100, 200, 400)]
+    breaks += [("rotate", v) for v in (2, 5, 10, 30, 90, 180)]
+    breaks += [("mirror", 0), ("scale", 1.05), ("scale", 1.15), ("scale", 1.3)]
+    rows = []  # (case, true µm, flagged)
+    for name, (f, m, pf, pm) in good.items():
+        pf, pm = pf + 0.5, pm + 0.5
+        try:
+            result = register_arrays(f, m, mpp, mpp)
+        except RegistrationError:
+            rows.append((f"{name} registered", math.inf, True))
+            continue
+        tf = result.transform
+        rows.append((f"{name} registered", tre(tf, pf, pm) * mpp, result.poor))
+        wm = tf.working_mpp
+        thumbs = array_thumb(f, mpp, wm, "fixed"), array_thumb(m, mpp, wm, "moving")
+        centre = np.array(f.shape[1::-1]) / 2
+        for kind, v in breaks:
+            broken = _Broken(tf, _breakage(kind, v, centre, mpp))
+            err = assess_transform(*thumbs, wm, broken)
+            rows.append((f"{name} {kind} {v:g}", tre(broken, pf, pm) * mpp, err["poor"]))
+    colon = skimage.data.immunohistochemistry()
+    unrelated = {
+        "kidney H&E / lung IHC": (kidney[0], lung[1]),
+        "lung H&E / kidney IHC": (lung[0], kidney[1]),
+        "kidney H&E / colon IHC": (kidney[0], colon),
+        "lung H&E / colon IHC": (lung[0], colon),
+    }  # fmt: skip
+    for name, (f, m) in unrelated.items():
+        try:
+            flagged = register_arrays(f, m, mpp, mpp).poor
+        except RegistrationError:
+            flagged = True
+        rows.append((name, math.inf, flagged))
+    bad = [r for r in rows if r[1] > BAD_UM]
+    ok = [r for r in rows if r[1] <= GOOD_UM]
+    accepted = [r for r in bad if not r[2]]
+    flagged = [r for r in ok if r[2]]
+    print(f"\n## QC failure set ({len(rows)} cases at {mpp:g} µm/px)")
+    print(
+        f"false accepts (true median > {BAD_UM:g} µm, not flagged): {len(accepted)} / {len(bad)}; "
+        f"false flags (true <= {GOOD_UM:g} µm, flagged): {len(flagged)} / {len(ok)} "
+        f"({len(flagged) / max(1, len(ok)):.0%}); grey zone {len(rows) - len(bad) - len(ok)}"
+    )
+    for case, true_um, flag in accepted + flagged:
+        print(f"  {case}: true {true_um:.1f} µm, flagged {flag}")
 
 
 def big_slide(src: Path, out: Path, mpp: float) -> Path:
@@ -37,41 +252,54 @@ def big_slide(src: Path, out: Path, mpp: float) -> Path:
     def read_tile(y: int, x: int, h: int, w: int) -> np.ndarray:
         m = np.array([[scale, 0, -x], [0, scale, -y]], np.float32)
         return cv2.warpAffine(
-            rgb,
-            m,
-            (w, h),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=(255, 255, 255),
-        )
+            rgb, m, (w, h), flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255),
+        )  # fmt: skip
 
-    t0 = time.perf_counter()
     write_pyramid_tiff(out, HEIGHT, WIDTH, read_tile, mpp, quality=80)
-    print(f"wrote {out} ({WIDTH} x {HEIGHT} px) in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def big(workdir: Path, mpp: float = 0.25) -> None:
+    folder = REAL / "registration"
+    pair = (folder / "Rat-Kidney_HE.jpg", folder / "Rat-Kidney_PanCytokeratin.jpg")
+    fixed = big_slide(pair[0], workdir / f"big_HE_{mpp:g}.tiff", mpp)
+    moving = big_slide(pair[1], workdir / f"big_IHC_{mpp:g}.tiff", mpp)
+    t0 = time.perf_counter()
+    register(pair[0], pair[1], 10.0, 10.0)
+    t_small = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = register(fixed, moving)
+    t_big = time.perf_counter() - t0
+    print("\n## Timing")
+    print(f"baseline: 5% JPEG pair (1164 x 787 px): {t_small:.1f} s")
+    print(
+        f"40000 x 30000 px pyramidal pair: {t_big:.1f} s (target < 60 s), "
+        f"{t_big / t_small:.2f} x baseline; working {result.transform.working_mpp} µm/px, "
+        f"residual estimate {result.error['residual_um_median']} µm, poor {result.poor}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_register"))
-    parser.add_argument("--mpp", type=float, default=0.25, help="µm/px of the big slides")
+    parser.add_argument("--seeds", type=int, default=11, help="real-texture pairs per image")
+    parser.add_argument("--phantom-seeds", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip")
     args = parser.parse_args()
+    skip = set(args.skip.split(","))
     args.workdir.mkdir(parents=True, exist_ok=True)
-    fixed = big_slide(REAL / PAIR[0], args.workdir / f"big_HE_{args.mpp:g}.tiff", args.mpp)
-    moving = big_slide(REAL / PAIR[1], args.workdir / f"big_IHC_{args.mpp:g}.tiff", args.mpp)
-
-    t0 = time.perf_counter()
-    register(REAL / PAIR[0], REAL / PAIR[1], 10.0, 10.0)
-    t_small = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    big = register(fixed, moving)
-    t_big = time.perf_counter() - t0
-    print(f"baseline: 5% JPEG pair (1164 x 787 px): {t_small:.1f} s")
-    print(
-        f"40000 x 30000 px pyramidal pair: {t_big:.1f} s (target < 60 s), "
-        f"{t_big / t_small:.2f} x baseline; working {big.transform.working_mpp} µm/px, "
-        f"residual estimate {big.error['residual_um_median']} µm, NCC {big.error['ncc']:.3f}"
-    )
+    if "real" not in skip:
+        real_pairs()
+    if "textured" not in skip:
+        textured_pairs(args.seeds)
+    if "phantom" not in skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            phantom(args.phantom_seeds, Path(tmp))
+    if "qc" not in skip:
+        qc_failure_set()
+    if "big" not in skip:
+        big(args.workdir)
 
 
 if __name__ == "__main__":

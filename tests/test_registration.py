@@ -35,6 +35,7 @@ from histocsc.wsi.slide import open_slide
 PAIR = ("Rat-Kidney_HE.jpg", "Rat-Kidney_PanCytokeratin.jpg")
 LANDMARKS = ("Rat-Kidney_HE.csv", "Rat-Kidney_PanCytokeratin.csv")
 N_PAIRED = 69  # the H&E file has 71 rows, the IHC 69: pair the first 69
+LUNG = ("Izd2-29-041-w35_HE.jpg", "Izd2-29-041-w35_proSPC.jpg")
 SIZE, MPP = 1024, 4.0  # small phantoms: 4 mm of tissue at 4 µm/px
 
 
@@ -77,7 +78,7 @@ def test_rat_kidney_tre_through_transform_points(rat_kidney: Path, real_data: Pa
     index, mapped = read_points_csv(out)
     assert len(index) == N_PAIRED and out.read_text().startswith(",X,Y")
     errors = tre(mapped, he)
-    assert np.median(errors) <= 3.7, np.median(errors)  # the landmark-fitted affine leaves 3.7
+    assert np.median(errors) <= 3.3, np.median(errors)  # the landmark-fitted affine leaves 3.7
     back = rat_kidney / "he_on_ihc.csv"
     result = run_cli(
         "transform-points", str(rat_kidney / "transform.json"), str(folder / LANDMARKS[0]),
@@ -195,14 +196,16 @@ def test_transform_json_round_trip_both_directions(tmp_path: Path) -> None:
 
 
 # -- bad input --------------------------------------------------------------------------------
-def test_unrelated_sections_are_refused(real_data: Path) -> None:
+def test_unrelated_sections_are_refused_or_flagged(real_data: Path) -> None:
     kidney_he = np.asarray(Image.open(real_data / "registration" / PAIR[0]).convert("RGB"))
     colon_ihc = skimage.data.immunohistochemistry()  # another tissue, another block
     with pytest.raises(RegistrationError, match="moving image"):
         register_arrays(kidney_he, colon_ihc, 10.0, 10.0)
-    shuffled = np.ascontiguousarray(np.vstack([kidney_he[400:], kidney_he[:400]]))
-    with pytest.raises(RegistrationError):
-        register_arrays(kidney_he, shuffled, 10.0, 10.0, RegistrationConfig(nonrigid=False))
+    lung_ihc = np.asarray(Image.open(real_data / "registration" / LUNG[1]).convert("RGB"))
+    try:
+        assert register_arrays(kidney_he, lung_ihc, 5.0, 5.0).poor
+    except RegistrationError:
+        pass
 
 
 def test_unrelated_pair_on_the_command_line(real_data: Path, tmp_path: Path) -> None:

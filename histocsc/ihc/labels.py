@@ -66,7 +66,7 @@ class LabelConfig(StrictModel):
         0.2, ge=0, le=1, description="tiles whose IHC footprint holds less tissue are ignored (-1)"
     )
     max_registration_error_um: float = Field(
-        30.0, gt=0, description="a marker whose registration error estimate exceeds this is flagged"
+        45.0, gt=0, description="a marker whose registration error estimate exceeds this is flagged"
     )
     min_error_blocks: int = Field(
         5, ge=1, description="the error estimate counts only when measured on this many blocks"

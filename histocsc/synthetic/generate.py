@@ -61,8 +61,12 @@ def make_case(
     markers: Sequence[str] = DEFAULT_MARKERS,
     advance: Advance | None = None,
     workers: int = 3,
+    fill_frame: bool = False,
 ) -> Path:
-    """Write one case into `out_dir/case/`; returns the folder. Same seed, same bytes."""
+    """Write one case into `out_dir/case/`; returns the folder. Same seed, same bytes.
+
+    `fill_frame`: tissue fills the whole frame (see `make_layout`).
+    """
     markers = tuple(markers)
     _check(size_px, mpp, markers)
     case_dir = Path(out_dir) / case
@@ -70,7 +74,7 @@ def make_case(
     ss = np.random.SeedSequence([int(seed), 0x5EC7])
     layout_seed, *section_seeds = ss.generate_state(2 + 2 * len(markers), dtype=np.uint32)
     rng = np.random.default_rng(int(layout_seed))
-    layout = make_layout(rng, size_px, size_px, mpp, markers)
+    layout = make_layout(rng, size_px, size_px, mpp, markers, fill_frame=fill_frame)
     layout.sample(np.zeros(1, np.float32), np.zeros(1, np.float32))  # build caches before threads
     he_name = f"{case}_HE.tiff"
     jobs = [(case_dir / he_name, Section("he", int(section_seeds[0])))]
@@ -183,6 +187,7 @@ def make_cohort(
     markers: Sequence[str] = DEFAULT_MARKERS,
     seed: int = 0,
     advance: Advance | None = None,
+    fill_frame: bool = False,
 ) -> Path:
     """Write `cases` cases and `out_dir/cohort.csv`; returns the CSV path."""
     if cases < 1:
@@ -194,7 +199,10 @@ def make_cohort(
     rows = []
     for i, split in enumerate(splits(cases)):
         name = case_name(i)
-        make_case(out_dir, name, int(case_seeds[i]), size_px, mpp, markers, advance)
+        make_case(
+            out_dir, name, int(case_seeds[i]), size_px, mpp, markers, advance,
+            fill_frame=fill_frame,
+        )  # fmt: skip
         row = {"case": name, "he": f"{name}/{name}_HE.tiff"}
         row.update({m: f"{name}/{name}_{m}.tiff" for m in markers})
         row["split"] = split

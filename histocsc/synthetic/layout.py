@@ -193,8 +193,12 @@ def make_layout(
     mpp: float,
     markers: tuple[str, ...] = ("CD133", "CD44"),
     ds: int = 16,
+    fill_frame: bool = False,
 ) -> Layout:
-    """Draw a random case: tissue pieces, compartments, regions, vessels, artefacts."""
+    """Draw a random case: tissue pieces, compartments, regions, vessels, artefacts.
+
+    `fill_frame`: tissue covers the whole slide (a crop inside a larger section: no outline).
+    """
     um = 1.0 / mpp  # px per micron
     gh, gw = -(-height // ds), -(-width // ds)
     gy, gx = np.mgrid[0:gh, 0:gw].astype(np.float32)
@@ -221,7 +225,7 @@ def make_layout(
     tissue += 0.12 * smooth_field(rng, (gh, gw), 300 / cell_um)
     tissue += 0.04 * smooth_field(rng, (gh, gw), 60 / cell_um)
     rim = disc * 1.12 - np.hypot(gx - cx0, gy - cy0)
-    tissue = np.minimum(tissue, rim / disc * 4)
+    tissue = np.maximum(tissue, 0.25) if fill_frame else np.minimum(tissue, rim / disc * 4)
 
     nest = smooth_field(rng, (gh, gw), 140 / cell_um) + 0.35
     nest += 0.3 * smooth_field(rng, (gh, gw), 40 / cell_um)

@@ -1,0 +1,147 @@
+"""Open Inference Protocol (KServe v2 REST) routes: health, server and model metadata, infer.
+
+The protocol of Triton, KServe and MLServer, so their clients (e.g. `tritonclient.http`) work
+unchanged. The one model is served under `--model-name` (default `histocsc`), version 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from histocsc import __version__
+from histocsc.serve.batching import Overloaded
+from histocsc.serve.protocol import (
+    HEADER_LENGTH,
+    INPUT,
+    OUTPUT,
+    BadRequest,
+    decode_request,
+    encode_response,
+)
+from histocsc.serve.security import HttpError, read_limited
+from histocsc.serve.service import MODEL_VERSION, Service, service
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+JSON_BYTES_PER_VALUE = 4  # "255," at most
+
+
+@router.get("/health/live", summary="Server is live")
+def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server is ready (model loaded, batcher running)")
+def ready(request: Request, response: Response) -> dict[str, bool]:
+    svc = service(request)
+    ok = svc.ready and svc.batcher.running
+    if not ok:
+        response.status_code = 503
+    return {"ready": ok}
+
+
+@router.get("", summary="Server metadata")
+def server_metadata() -> dict[str, Any]:
+    return {"name": "histocsc", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+def _model(svc: Service, name: str, version: str | None = None) -> None:
+    if name != svc.settings.model_name:
+        raise HttpError(404, f"unknown model {name!r}; this server has "
+                             f"{svc.settings.model_name!r}")
+    if version not in (None, "", MODEL_VERSION):
+        raise HttpError(404, f"model {name!r} has no version {version!r}; it has "
+                             f"{MODEL_VERSION!r}")
+
+
+def model_metadata(svc: Service) -> dict[str, Any]:
+    """Inputs, outputs and the model's histocsc metadata as parameters."""
+    e = svc.engine
+    return {
+        "name": svc.settings.model_name,
+        "versions": [MODEL_VERSION],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, e.tile_px, e.tile_px, 3]}],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(e.markers)]}],
+        "parameters": {
+            "markers": ",".join(e.markers),
+            "mpp": e.mpp,
+            "tile_px": e.tile_px,
+            "thresholds": json.dumps(e.meta["thresholds"]),
+            "checksum": e.checksum,
+            "precision": e.meta["precision"],
+            "max_batch_size": svc.settings.max_batch,
+            "max_tiles_per_request": svc.settings.max_tiles_per_request,
+        },
+    }
+
+
+@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)")
+def metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+    svc = service(request)
+    _model(svc, name, version)
+    return model_metadata(svc)
+
+
+@router.get("/models/{name}/ready", summary="Model is ready")
+@router.get("/models/{name}/versions/{version}/ready", summary="Model is ready (one version)")
+def model_ready(request: Request, response: Response, name: str,
+                version: str | None = None) -> dict[str, Any]:
+    svc = service(request)
+    _model(svc, name, version)
+    ok = svc.ready and svc.batcher.running
+    if not ok:
+        response.status_code = 503
+    return {"name": name, "ready": ok}
+
+
+INFER_BODY = {
+    "description": "JSON `{inputs: [{name: tiles, datatype: UINT8, shape: [N, H, W, 3], data: "
+                   "[...]}]}`, or Triton's binary-tensor extension (header "
+                   "`Inference-Header-Content-Length`).",
+    "required": True,
+    "content": {"application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
+@router.post("/models/{name}/infer", summary="Probabilities for a batch of tiles",
+             openapi_extra={"requestBody": INFER_BODY})
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    svc = service(request)
+    _model(svc, name, version)
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise HttpError(400, f"Content-Encoding {request.headers['content-encoding']!r} is not "
+                             "supported; send the body uncompressed")
+    tile_px, max_tiles = svc.engine.tile_px, svc.settings.max_tiles_per_request
+    limit = max_tiles * tile_px * tile_px * 3 * JSON_BYTES_PER_VALUE + 65536
+    body = await read_limited(request.stream(), limit, "infer request body")
+    try:
+        if len(body) > 1 << 20:  # parsing a big JSON body would hold up the event loop
+            req = await run_in_threadpool(decode_request, body, request.headers.get(HEADER_LENGTH),
+                                          tile_px, max_tiles)
+        else:
+            req = decode_request(body, request.headers.get(HEADER_LENGTH), tile_px, max_tiles)
+    except BadRequest as exc:
+        svc.metrics.inference_requests.labels(outcome="failure").inc()
+        raise HttpError(400, str(exc)) from None
+    try:
+        future = svc.batcher.submit(req.tiles)
+    except Overloaded as exc:
+        svc.metrics.inference_requests.labels(outcome="failure").inc()
+        raise HttpError(429, f"server busy ({exc}); retry later", {"Retry-After": "1"}) from None
+    try:
+        probs = await asyncio.wrap_future(future)
+    except Exception:
+        svc.metrics.inference_requests.labels(outcome="failure").inc()
+        raise
+    svc.metrics.inference_requests.labels(outcome="success").inc()
+    payload, headers = encode_response(svc.settings.model_name, MODEL_VERSION, req.id, probs,
+                                       req.binary_output)
+    return Response(payload, headers=headers)

@@ -1,0 +1,162 @@
+"""Registration on real sections: the lung-lesion pair, a cropped kidney, real-texture pairs,
+QC on deliberately broken transforms, the fill-frame phantom, and the `register` command's
+failure paths. Landmarks only score a registration, never make one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from histocsc.ihc.registration import register, register_arrays
+from histocsc.ihc.registration.images import array_thumb
+from histocsc.ihc.registration.pipeline import assess_transform
+from histocsc.ihc.transform import read_points_csv
+from histocsc.synthetic.generate import make_case
+from histocsc.synthetic.pairs import identity_error, make_pair, real_sources
+from histocsc.synthetic.truth import landmarks, load_truth
+
+LUNG = "Izd2-29-041-w35"
+KIDNEY = "Rat-Kidney"
+
+
+def load(folder: Path, name: str, a: str, b: str, n: int):
+    f = np.asarray(Image.open(folder / f"{name}_{a}.jpg").convert("RGB"))
+    m = np.asarray(Image.open(folder / f"{name}_{b}.jpg").convert("RGB"))
+    pf = read_points_csv(folder / f"{name}_{a}.csv")[1][:n]
+    pm = read_points_csv(folder / f"{name}_{b}.csv")[1][:n]
+    return f, m, pf, pm
+
+
+def median_tre(transform, pf: np.ndarray, pm: np.ndarray) -> float:
+    return float(np.median(np.linalg.norm(transform.to_moving(pf) - pm, axis=1)))
+
+
+def affine_residual(pf: np.ndarray, pm: np.ndarray) -> float:
+    a = np.c_[pf, np.ones(len(pf))]
+    x, *_ = np.linalg.lstsq(a, pm, rcond=None)
+    return float(np.median(np.linalg.norm(a @ x - pm, axis=1)))
+
+
+@pytest.fixture(scope="module")
+def lung(real_data: Path):
+    f, m, pf, pm = load(real_data / "registration", LUNG, "HE", "proSPC", 78)
+    return f, m, pf, pm, register_arrays(f, m, 5.0, 5.0)
+
+
+def test_lung_lesion_pair_lands_within_the_landmark_fit(lung) -> None:
+    """Tissue fills the frame, no outline: the pair the old search placed 247 px off."""
+    f, m, pf, pm, result = lung
+    assert np.median(np.linalg.norm(pf - pm, axis=1)) > 60  # unregistered: 65.8 px
+    err = median_tre(result.transform, pf, pm)
+    assert err <= 7.0, err  # landmark-fitted affine: 5.8 px
+    assert not result.poor, result.error
+
+
+def test_kidney_central_crop(real_data: Path) -> None:
+    """Tissue touching every border: within 1.2x the landmark-fitted affine residual."""
+    f, m, pf, pm = load(real_data / "registration", KIDNEY, "HE", "PanCytokeratin", 69)
+    crops = []
+    for img, pts in ((f, pf), (m, pm)):
+        h, w = img.shape[:2]
+        x0, y0 = int(0.2 * w), int(0.2 * h)
+        crops.append((img[y0 : h - y0, x0 : w - x0], pts - [x0, y0], (w - 2 * x0, h - 2 * y0)))
+    (fc, pfc, sf), (mc, pmc, sm) = crops
+    keep = (pfc >= 0).all(1) & (pfc < sf).all(1) & (pmc >= 0).all(1) & (pmc < sm).all(1)
+    pfc, pmc = pfc[keep], pmc[keep]
+    result = register_arrays(np.ascontiguousarray(fc), np.ascontiguousarray(mc), 10.0, 10.0)
+    err, fit = median_tre(result.transform, pfc, pmc), affine_residual(pfc, pmc)
+    assert err <= 1.2 * fit, (err, fit)
+
+
+def test_broken_transforms_are_flagged(lung) -> None:
+    """QC sees what the optimiser did not tune: the good transform passes, broken ones do not."""
+    f, m, pf, pm, result = lung
+    tf = result.transform
+    wm = tf.working_mpp
+    thumbs = array_thumb(f, 5.0, wm, "fixed"), array_thumb(m, 5.0, wm, "moving")
+    assert not assess_transform(*thumbs, wm, tf)["poor"]
+
+    class Broken:
+        def __init__(self, a: np.ndarray) -> None:
+            self.a = a
+
+        def to_moving(self, pts: np.ndarray) -> np.ndarray:
+            return tf.to_moving(pts @ self.a[:, :2].T + self.a[:, 2])
+
+    centre = np.array(f.shape[1::-1]) / 2
+    half_turn = np.hstack([-np.eye(2), 2 * centre[:, None]])
+    shifted = np.array([[1.0, 0, 16], [0, 1, -12]])  # 20 px = 100 µm
+    for a in (half_turn, shifted):
+        broken = Broken(a)
+        assert median_tre(broken, pf, pm) * 5 > 50
+        error = assess_transform(*thumbs, wm, broken)
+        assert error["poor"], error
+
+
+@pytest.mark.parametrize(("source", "seed"), [("lung", 3), ("kidney", 7), ("tcga", 5)])
+def test_real_texture_pair(real_data: Path, source: str, seed: int) -> None:
+    """Crops of a real H&E, the moving one rotated / mirrored / warped / re-coloured as IHC."""
+    rgb, mpp = real_sources(real_data)[source]
+    pair = make_pair(rgb, mpp, np.random.default_rng(seed), size=320)
+    result = register_arrays(pair.fixed, pair.moving, mpp, mpp)
+    err = median_tre(result.transform, pair.fixed_points, pair.moving_points)
+    assert err / (result.transform.working_mpp / mpp) <= 2.0, (err, pair.meta)
+    assert err < identity_error(pair)
+
+
+def test_fill_frame_phantom(tmp_path: Path) -> None:
+    case = make_case(tmp_path, "case000", seed=21, size_px=1024, mpp=4.0, markers=("CD44",),
+                     fill_frame=True)  # fmt: skip
+    truth = load_truth(case)
+    he = np.asarray(Image.open(case / "mask_tissue.png"))
+    assert (he > 0).mean() > 0.95  # tissue fills the frame
+    result = register(truth["he"]["path"], truth["markers"]["CD44"]["ihc"]["path"])
+    pairs = landmarks(truth, "CD44")
+    errors_um = np.linalg.norm(result.transform.to_moving(pairs[:, :2]) - pairs[:, 2:], axis=1) * 4
+    assert np.median(errors_um) <= 5.0 and np.percentile(errors_um, 95) <= 15.0, errors_um
+
+
+# -- the command ------------------------------------------------------------------------------
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "histocsc", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_jpeg_without_pixel_size_names_the_option(real_data: Path, tmp_path: Path) -> None:
+    folder = real_data / "registration"
+    moving = folder / f"{KIDNEY}_PanCytokeratin.jpg"
+    result = run_cli(
+        "register", str(folder / f"{KIDNEY}_HE.jpg"), str(moving), "--out", str(tmp_path),
+        "--mpp-fixed", "10",
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--mpp-moving" in result.stderr and str(moving) in result.stderr
+    assert "--mpp " not in result.stderr
+
+
+def test_failed_rerun_leaves_an_overlay_of_what_it_tried(real_data: Path, tmp_path: Path) -> None:
+    folder = real_data / "registration"
+    fixed = str(folder / f"{KIDNEY}_HE.jpg")
+    out = tmp_path / "reg"
+    mpp = ("--mpp-fixed", "10", "--mpp-moving", "10")
+    moving = str(folder / f"{KIDNEY}_PanCytokeratin.jpg")
+    ok = run_cli("register", fixed, moving, "--out", str(out), *mpp)
+    assert ok.returncode == 0, ok.stderr
+    before = np.asarray(Image.open(out / "overlay.png"))
+    colon = tmp_path / "colon.png"
+    Image.fromarray(skimage.data.immunohistochemistry()).save(colon)
+    failed = run_cli("register", fixed, str(colon), "--out", str(out), *mpp)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert not (out / "transform.json").exists()
+    after = np.asarray(Image.open(out / "overlay.png"))
+    assert after.shape != before.shape or not np.array_equal(after, before)
+    top = after[2:10, 10:-10].reshape(-1, 3).mean(0)
+    assert top[0] > 150 and top[1] < 80  # the red FAILED banner
