@@ -17,12 +17,13 @@ install: $(BIN)/histocsc
 demo: install
 	$(BIN)/histocsc demo --out demo-output
 
-test: install
-	$(BIN)/ruff check histocsc tests scripts
+test: lint
 	$(BIN)/pytest -q
 
+# ruff, then the import layers contract in pyproject.toml ([tool.importlinter])
 lint: install
 	$(BIN)/ruff check histocsc tests scripts
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

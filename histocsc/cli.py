@@ -223,7 +223,7 @@ def _stage_configs(
     from histocsc.config import load_config
     from histocsc.ihc.labels import LabelConfig
     from histocsc.ihc.registration import RegistrationConfig
-    from histocsc.prepare import StageConfigs
+    from histocsc.pipeline.prepare import StageConfigs
     from histocsc.wsi.grid import TilesConfig
 
     names = [m.strip() for m in markers.split(",") if m.strip()] if markers else None
@@ -249,7 +249,7 @@ def label(
 
     Uses the tiles and registrations already in OUT/<case>/ and makes the missing ones.
     """
-    from histocsc.prepare import run_and_report
+    from histocsc.pipeline.prepare import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, config, markers)
     run_and_report(cohort, out, cfgs, workers, reuse_existing=True, command="label")
@@ -267,7 +267,7 @@ def prepare(
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 2,
 ) -> None:
     """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary."""
-    from histocsc.prepare import run_and_report
+    from histocsc.pipeline.prepare import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, label_config, markers)
     run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare")
@@ -505,7 +505,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole pipeline on built-in phantom slides and check the heatmaps against truth."""
-    from histocsc.demo import run_demo
+    from histocsc.pipeline.demo import run_demo
 
     summary = run_demo(out, cases=cases, size_px=size_px, seed=seed, epochs=epochs,
                        say=typer.echo)

@@ -45,7 +45,7 @@ def histocsc(*args: str, log: Path) -> None:
 
 def test_cases(cohort_csv: Path) -> list[tuple[str, Path]]:
     """(case, H&E path) of the cases the training split holds out for test."""
-    from histocsc.ihc.cohort import read_cohort
+    from histocsc.cohort import read_cohort
 
     cases = read_cohort(cohort_csv).cases
     chosen = [c for c in cases if c.split == "test"] or cases[-1:]

@@ -54,9 +54,9 @@ def main() -> None:
     from histocsc.learn.export import export_onnx
     from histocsc.learn.model import load_trained
     from histocsc.learn.train import load_train_config, train
-    from histocsc.learn.truth_prep import prepare_from_truth
     from histocsc.predict.engine import Engine
     from histocsc.synthetic.generate import make_cohort
+    from histocsc.synthetic.truth_prep import prepare_from_truth
     from histocsc.wsi.grid import TilesConfig
 
     t0 = time.perf_counter()

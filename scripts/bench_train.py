@@ -62,8 +62,8 @@ def write_random_cohort(root: Path, cases: int, tiles: int, tile_px: int) -> Pat
 
 def make_phantom(args: argparse.Namespace) -> Path:
     """Phantom slides -> tiles + truth labels (each step skipped when its output exists)."""
-    from histocsc.learn.truth_prep import prepare_from_truth
     from histocsc.synthetic.generate import make_cohort
+    from histocsc.synthetic.truth_prep import prepare_from_truth
     from histocsc.wsi.grid import TilesConfig
 
     src, out = args.phantom / "phantom", args.phantom / "prepared"

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import histocsc.ihc.labels as labels_module
+from histocsc.cohort import read_cohort
 from histocsc.config import load_config
 from histocsc.errors import ConfigError, DataError
-from histocsc.ihc.cohort import read_cohort
 from histocsc.ihc.labels import (
     IhcMaps,
     LabelConfig,
@@ -30,7 +30,7 @@ from histocsc.ihc.labels import (
     to_labels,
 )
 from histocsc.io import read_json
-from histocsc.prepare import StageConfigs, run_cohort
+from histocsc.pipeline.prepare import StageConfigs, run_cohort
 from histocsc.synthetic.generate import make_cohort
 from histocsc.synthetic.truth import load_truth, transform, truth_labels
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid
@@ -308,7 +308,7 @@ def test_cli_label_reuses_prepared_and_reports_failures(
     ],
 )
 def test_registration_qc(error: dict, ok: bool) -> None:
-    from histocsc.prepare import _registration_ok
+    from histocsc.pipeline.prepare import _registration_ok
 
     good, why = _registration_ok(error, LabelConfig())
     assert good is ok and bool(why) is not ok

@@ -73,8 +73,8 @@ def make_prepared_cohort(root: Path, n_tiles: int = 120, seed: int = 0) -> Path:
 def phantom_prepared(root: Path, seed: int = 0) -> Path:
     """5 small phantom cases (3 train, 1 val, 1 test), tiled with histocsc.wsi (64 px tiles at
     2 µm/px, half-overlapping), labelled from the phantom's truth masks, in the prepared layout."""
-    from histocsc.learn.truth_prep import prepare_from_truth
     from histocsc.synthetic.generate import make_cohort
+    from histocsc.synthetic.truth_prep import prepare_from_truth
     from histocsc.wsi.grid import TilesConfig
 
     make_cohort(root / "phantom", 5, size_px=2048, mpp=1.0, seed=seed)

@@ -64,7 +64,8 @@ def collect_logits(module: Any, loader: Any) -> tuple[torch.Tensor, torch.Tensor
             logits.append(module(x).float().cpu())
             targets.append(y.cpu())
     if not logits:
-        return torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int8)
+        width = len(module.hparams.markers)
+        return torch.zeros(0, width), torch.zeros(0, width, dtype=torch.int8)
     return torch.cat(logits), torch.cat(targets)
 
 

@@ -21,9 +21,9 @@ import torch
 from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
+from histocsc.cohort import read_cohort
 from histocsc.config import StrictModel
 from histocsc.errors import ConfigError, DataError, LabelError
-from histocsc.ihc.cohort import read_cohort
 from histocsc.learn.augment import AugmentConfig, build_augment
 
 SPLITS = ("train", "val", "test")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from histocsc import __version__
 from histocsc.errors import DataError, ModelError
 from histocsc.io import atomic_path
+from histocsc.learn.metadata import model_metadata, read_metadata  # noqa: F401 (re-exported)
 
 PARITY_TOL = 1e-4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -71,43 +71,6 @@ class ExportResult:
     fp16_max_abs_diff: float | None = None
     exporter: str = "dynamo"
     notes: list[str] = field(default_factory=list)
-
-
-def model_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """The `metadata_props` strings written into every exported graph."""
-    try:
-        markers = list(meta["markers"])
-        tile_px = int(meta["tile_px"])
-        mpp = float(meta["mpp"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"model metadata lacks markers/tile_px/mpp: {exc}") from exc
-    thresholds = meta.get("thresholds") or {m: 0.5 for m in markers}
-    return {
-        "markers": json.dumps(markers),
-        "tile_px": str(tile_px),
-        "mpp": repr(mpp),
-        "thresholds": json.dumps(thresholds),
-        "histocsc_version": __version__,
-        "training_summary": json.dumps(meta.get("summary") or {}, default=str),
-        "backbone": str(meta.get("backbone", "")),
-        "mean": json.dumps(list(map(float, meta.get("mean", [0.0, 0.0, 0.0])))),
-        "std": json.dumps(list(map(float, meta.get("std", [1.0, 1.0, 1.0])))),
-        "calibration": json.dumps({"applied_in": "graph", **(meta.get("calibration") or {})}),
-    }
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Decode an exported model's `metadata_props` (markers, tile_px, mpp, thresholds, ...)."""
-    import onnx
-
-    path = Path(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises several types for a bad file
-        raise ModelError(f"{path}: not a readable ONNX model ({exc})") from exc
-    from histocsc.predict.engine import decode_metadata
-
-    return decode_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
 def load_tiles(source: str | Path | np.ndarray, tile_px: int, limit: int = 256) -> np.ndarray:

@@ -7,7 +7,6 @@ bounded queue of tile batches in grid order while onnxruntime computes on the pr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from histocsc.errors import ConfigError, DataError, ModelError
 from histocsc.io import file_checksum, write_json
+from histocsc.learn.metadata import decode_metadata
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
 from histocsc.wsi.extract import TileReader
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
@@ -32,30 +32,6 @@ DEVICES = ("auto", "cpu", "cuda")
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
                   ".bif"}
-
-
-def decode_metadata(props: dict[str, str], path: str | Path) -> dict[str, Any]:
-    """Turn the raw metadata strings into typed values; ModelError if a key is missing."""
-    missing = [k for k in ("markers", "tile_px", "mpp") if k not in props]
-    if missing:
-        raise ModelError(f"{path}: not a histocsc model, metadata lacks {', '.join(missing)}")
-    try:
-        out: dict[str, Any] = {
-            "markers": [str(m) for m in json.loads(props["markers"])],
-            "tile_px": int(props["tile_px"]),
-            "mpp": float(props["mpp"]),
-            "thresholds": dict(json.loads(props.get("thresholds", "{}"))),
-            "histocsc_version": props.get("histocsc_version", ""),
-            "training_summary": json.loads(props.get("training_summary", "{}")),
-            "backbone": props.get("backbone", ""),
-            "precision": props.get("precision", "fp32"),
-            "calibration": json.loads(props.get("calibration", "{}")),
-        }
-    except (ValueError, TypeError) as exc:
-        raise ModelError(f"{path}: malformed histocsc metadata ({exc})") from exc
-    for m in out["markers"]:
-        out["thresholds"].setdefault(m, 0.5)
-    return out
 
 
 def cpu_count() -> int:

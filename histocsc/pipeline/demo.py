@@ -24,17 +24,17 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every stage on a fresh phantom cohort in `out`; returns (and writes) a summary."""
+    from histocsc.cohort import read_cohort
     from histocsc.config import load_config
     from histocsc.evaluate.metrics import evaluate
-    from histocsc.ihc.cohort import read_cohort
     from histocsc.ihc.labels import LabelConfig
     from histocsc.ihc.registration import RegistrationConfig
     from histocsc.learn.export import export_onnx
     from histocsc.learn.model import load_trained
     from histocsc.learn.train import load_train_config, train
+    from histocsc.pipeline.prepare import StageConfigs, run_and_report
     from histocsc.predict.blend import stride_px
     from histocsc.predict.engine import Engine, InferOptions, cpu_count, run_slides
-    from histocsc.prepare import StageConfigs, run_and_report
     from histocsc.progress import progress_bar
     from histocsc.synthetic.generate import make_cohort, tiles_per_case
     from histocsc.wsi.grid import TilesConfig
@@ -66,7 +66,7 @@ def run_demo(
     lap("prepare")
 
     say("3/5 train: tiny CNN on the labelled tiles (split by case)")
-    config = Path(__file__).resolve().parents[1] / "configs" / "train-ci.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "train-ci.yaml"
     cfg = load_train_config(config if config.is_file() else None, {
         "data.root": str(prepared), "out": str(out / "run"), "seed": seed,
         "model.backbone": "tiny", "trainer.max_epochs": epochs, "trainer.accelerator": "cpu",

@@ -28,7 +28,7 @@ def prepare_from_truth(
     """Tile every H&E of `phantom_dir/cohort.csv` (with the tile store) and label each tile
     from the truth masks: 1 when at least `positive` of it is marker-positive, 0 when at most
     `negative`, else -1. Returns `out_dir`."""
-    from histocsc.ihc.cohort import read_cohort
+    from histocsc.cohort import read_cohort
     from histocsc.synthetic.truth import load_truth, truth_labels
     from histocsc.wsi.extract import SlideTask, tile_slides
     from histocsc.wsi.grid import TileGrid, TilesConfig

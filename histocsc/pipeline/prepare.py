@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from histocsc.cohort import Cohort, CohortCase, read_cohort
 from histocsc.errors import DataError, HistocscError, LabelError, RegistrationError
-from histocsc.ihc.cohort import Cohort, CohortCase, read_cohort
 from histocsc.ihc.labels import LabelConfig, MarkerLabels, label_slide, write_label_map
 from histocsc.ihc.registration import RegistrationConfig
 from histocsc.io import atomic_path, file_checksum, read_json, write_json

@@ -1,0 +1,1 @@
+"""Code that runs several stages: preparing a cohort, the end-to-end demo."""
