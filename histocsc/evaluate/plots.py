@@ -83,7 +83,8 @@ def plot_comparison(path: Path, arrays: dict[str, np.ndarray], marker: str,
     axes[2].set_title(f"disagreement (pixel Dice {px['dice']:.2f}, IoU {px['iou']:.2f})",
                       fontsize=10)
     axes[2].legend(handles=[Patch(color=c, label=n) for n, c in DISAGREEMENT.items()],
-                   fontsize=7, loc="lower right", framealpha=0.85)
+                   fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2,
+                   frameon=False)
     for ax in axes:
         ax.set_axis_off()
     return _save(fig, path)
