@@ -7,11 +7,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 NO_ALBUMENTATIONS_UPDATE=1
 
 WORKDIR /opt/histocsc
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY histocsc ./histocsc
 COPY configs ./configs
 # CPU wheels of torch (the CUDA ones are several GB and unused here)
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin histocsc \
     && mkdir -p /data /models /slides \
     && chown histocsc:histocsc /data

@@ -6,10 +6,10 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: install demo test lint clean
 
-$(BIN)/histocsc: pyproject.toml
+$(BIN)/histocsc: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(BIN)/histocsc
 
 install: $(BIN)/histocsc
@@ -20,10 +20,11 @@ demo: install
 test: lint
 	$(BIN)/pytest -q
 
-# ruff, then the import layers contract in pyproject.toml ([tool.importlinter])
+# ruff, the import layers contract ([tool.importlinter]) and declared dependencies ([tool.deptry])
 lint: install
 	$(BIN)/ruff check histocsc tests scripts
 	$(BIN)/lint-imports
+	$(BIN)/deptry .
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

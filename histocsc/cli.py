@@ -66,7 +66,7 @@ def main(
 
 PathArg = Annotated[Path, typer.Argument(help="A path.")]
 
-# --- tiles command (wsi helper) ---
+# --- tiles command ---
 @app.command()
 @user_errors
 def tiles(
@@ -114,7 +114,7 @@ def tiles(
         raise SlideError(f"{len(failed)} of {len(results)} slides failed (see above)")
 
 
-# --- phantom command (phantom helper) ---
+# --- phantom command ---
 
 
 @app.command()
@@ -143,7 +143,7 @@ def phantom(
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
-# --- register / transform-points commands (ihc helper) ---
+# --- register / transform-points commands ---
 
 
 @app.command("register")
@@ -206,7 +206,7 @@ def transform_points_command(
     direction = "fixed -> moving" if inverse else "moving -> fixed"
     typer.echo(f"wrote {out} ({len(index)} points, {direction})")
 
-# --- label / prepare commands (labels helper) ---
+# --- label / prepare commands ---
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="Stage YAML, as in configs/ (default: built-in).")
 ]
@@ -273,7 +273,7 @@ def prepare(
     run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare")
 
 
-# --- train command (learn helper) ---
+# --- train command ---
 @app.command("train")
 @user_errors
 def train_command(
@@ -310,7 +310,7 @@ def train_command(
     typer.echo(f"run folder: {result.run_dir}")
 
 
-# --- export / infer commands (predict helper) ---
+# --- export / infer commands ---
 
 
 @app.command("export")
@@ -362,8 +362,12 @@ def export_command(
 @user_errors
 def infer_command(
     slides: Annotated[list[Path], typer.Argument(help="Slide files and/or folders of slides.")],
-    model: Annotated[Path, typer.Option("--model", help="ONNX model from `histocsc export`.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="ONNX model from `histocsc export` (default: the built-in "
+                     "phantom-trained demonstration model, research use only)."),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Tiles per batch.")] = 32,
     workers: Annotated[
@@ -399,6 +403,12 @@ def infer_command(
     from histocsc.predict.engine import shard as take_shard
     from histocsc.progress import progress_bar
 
+    if model is None:
+        from histocsc.models import NOTICE, builtin_model_path
+
+        model = builtin_model_path()
+        typer.secho(f"using the built-in model {model.name} ({NOTICE}); "
+                    "give --model for your own", fg=typer.colors.YELLOW)
     found = collect_slides(slides)
     if shard is not None:
         index, count = parse_shard(shard)
@@ -417,6 +427,13 @@ def infer_command(
                         progress=lambda name, total: progress_bar(name, total))
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
                f"{len(report.failed)} failed")
+    if len(found) > 1 or any(p.is_dir() for p in slides):
+        from histocsc.predict.cohort_report import write_cohort_summary
+
+        table, page = write_cohort_summary(out, found, report.failed)
+        typer.echo(f"cohort: {table} and {page}")
+    elif report.done:
+        typer.echo(f"report: {out / report.done[0].stem / 'report.html'}")
     for path, message in report.failed:
         where = "" if str(path) in message else f"{path}: "
         typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
@@ -424,7 +441,7 @@ def infer_command(
         raise typer.Exit(1)
 
 
-# --- serve command (serve helper) ---
+# --- serve command ---
 
 
 @app.command()
@@ -490,7 +507,7 @@ def evaluate_command(
     typer.echo(f"wrote {out / 'evaluation.json'} ({result['truth']['kind']} truth)")
 
 
-# --- demo command (lead) ---
+# --- demo command ---
 
 
 @app.command()
@@ -520,6 +537,8 @@ def demo(
     for name in summary["outputs"]["heatmaps"]:
         typer.echo(f"look at: {name}/ (heatmap_*.png, tiles.geojson for QuPath)")
     typer.echo(f"summary: {out / 'demo_summary.json'}")
+    for page in summary["outputs"]["reports"]:
+        typer.echo(f"open the report in a browser: {page}")
 
 
 def run() -> None:

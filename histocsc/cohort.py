@@ -6,7 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from histocsc.errors import ConfigError, DataError
+from histocsc.errors import ConfigError, DataError, DataNotFoundError
 
 FIXED_COLUMNS = ("case", "he", "split")
 SPLITS = ("train", "val", "test", "")
@@ -60,7 +60,7 @@ def read_cohort(path: str | Path) -> Cohort:
     """Parse and check the table's structure; missing slide files are reported per case later."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: cohort file not found")
+        raise DataNotFoundError(f"{path}: cohort file not found")
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     rows = [r for r in rows if any(cell.strip() for cell in r)]

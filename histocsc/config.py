@@ -1,14 +1,21 @@
-"""Typed configuration: pydantic models loaded from YAML, with command-line overrides."""
+"""Typed configuration: pydantic models loaded from YAML, with command-line overrides.
+
+The YAML files of `configs/` ship inside the package (`histocsc/configs`, package data), so an
+installed wheel reads the same presets as a source checkout; `packaged_config` finds them. Each of
+tiles.yaml, register.yaml, label.yaml and train.yaml spells out the built-in defaults (a test
+holds them equal); train-ci.yaml is the tiny preset of CI and the demo.
+"""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from histocsc.errors import ConfigError
+from histocsc.errors import ConfigError, ConfigNotFoundError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -28,7 +35,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: configuration file not found")
+            raise ConfigNotFoundError(f"{path}: configuration file not found")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -44,6 +51,14 @@ def load_config(
         return model_cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from exc
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML file shipped in histocsc/configs (e.g. 'train-ci.yaml')."""
+    path = Path(str(resources.files("histocsc").joinpath("configs", name)))
+    if not path.is_file():
+        raise ConfigNotFoundError(f"{path}: packaged configuration not found (broken install?)")
+    return path
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -27,3 +27,24 @@ class LabelError(HistocscError):
 
 class ModelError(HistocscError):
     """A model, checkpoint or weights file is missing, invalid or incompatible."""
+
+
+# "Not found" variants: each is also the builtin FileNotFoundError, so callers can catch either.
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    """A slide file or folder does not exist."""
+
+
+class ConfigNotFoundError(ConfigError, FileNotFoundError):
+    """A configuration file does not exist."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """An input table, cohort, tile store or folder does not exist."""
+
+
+class RegistrationNotFoundError(RegistrationError, FileNotFoundError):
+    """A saved transform does not exist."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A model, checkpoint or weights file does not exist."""

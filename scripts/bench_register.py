@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -294,8 +293,7 @@ def main() -> None:
     if "textured" not in skip:
         textured_pairs(args.seeds)
     if "phantom" not in skip:
-        with tempfile.TemporaryDirectory() as tmp:
-            phantom(args.phantom_seeds, Path(tmp))
+        phantom(args.phantom_seeds, args.workdir / "phantom")
     if "qc" not in skip:
         qc_failure_set()
     if "big" not in skip:

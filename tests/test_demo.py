@@ -48,6 +48,8 @@ def test_demo_end_to_end_on_held_out_case(tmp_path: Path) -> None:
     for name in ("evaluation.json", "compare_CD133.png", "reliability_CD44.png"):
         assert (evaluation / name).is_file(), name
     assert "test-case AUROC" in stdout and "pixel level" in stdout and "ECE" in stdout
+    last = stdout.strip().splitlines()[-1]  # the demo ends by pointing at the report
+    assert last.endswith("report.html") and (tmp_path / last.split(": ")[-1]).is_file(), last
 
 
 @pytest.mark.slow

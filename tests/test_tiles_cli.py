@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import openslide
 import pytest
 import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
 from histocsc.cli import app
-from histocsc.wsi.extract import TileReader
 from histocsc.wsi.grid import TileGrid
 from histocsc.wsi.pyramid import write_pyramid_tiff_from_array
+from histocsc.wsi.reader import TileReader
 from histocsc.wsi.slide import open_slide
 
 runner = CliRunner()
@@ -137,7 +136,7 @@ def test_fast_reader_gives_openslide_pixels(real_data, name):
     """The direct TIFF tile decoder (JPEG, JPEG 2000) returns exactly OpenSlide's pixels."""
     path = real_data / "svs" / name
     reader = TileReader(path, 0.5)
-    assert reader.tiff is not None
+    assert reader.slide.backend == "tiff"
     boxes = np.array([[x, y, 224, 224] for y in (0, 700, 1300) for x in (0, 224, 448, 1000)])
     got = np.concatenate([tiles.copy() for _, tiles in reader.read_runs(boxes, 224)])
     with open_slide(path, mpp=0.5) as slide:
@@ -172,9 +171,8 @@ def test_openslide_path_gives_the_same_pixels(slides):
     pixels as the direct TIFF decoder, for runs of tiles and for a lone tile."""
     path = slides / "case1.tiff"
     fast = TileReader(path, None)
-    slow = TileReader(path, None)
-    slow.tiff = None
-    slow.osr = openslide.OpenSlide(str(path))
+    slow = TileReader(path, None, fast_tiles=False)
+    assert (fast.slide.backend, slow.slide.backend) == ("tiff", "openslide")
     boxes = np.array([[x, 448, 224, 224] for x in (0, 224, 448, 896)] + [[100, 900, 224, 224]])
     a = np.concatenate([t.copy() for _, t in fast.read_runs(boxes, 224)])
     b = np.concatenate([t.copy() for _, t in slow.read_runs(boxes, 224)])

@@ -15,9 +15,8 @@ import numpy as np
 
 from histocsc.config import StrictModel
 from histocsc.errors import ConfigError
+from histocsc.wsi.optical_density import optical_density
 
-BACKGROUND = 255.0
-MAX_OD = float(np.log10(BACKGROUND))
 # dab_od: residual below -RESIDUAL_GATE x DAB means the colour is not H-DAB (e.g. eosin)
 RESIDUAL_GATE = 0.1
 
@@ -99,16 +98,6 @@ def stains_from_config(cfg: StainConfig, rgb: np.ndarray | None = None) -> Stain
     return named_stains(cfg.name)
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Base-10 OD per channel, float32 (H, W, 3), from uint8 RGB (white = 0)."""
-    rgb = np.asarray(rgb)
-    lut = -np.log10(np.clip(np.arange(256, dtype=np.float64), 1, BACKGROUND) / BACKGROUND)
-    if rgb.dtype == np.uint8:
-        return lut.astype(np.float32)[rgb[..., :3]]
-    values = np.clip(rgb[..., :3].astype(np.float64), 1, BACKGROUND)
-    return (-np.log10(values / BACKGROUND)).astype(np.float32)
-
-
 def deconvolve(rgb: np.ndarray, stains: Stains | str = "H-DAB") -> np.ndarray:
     """OD contributed by each stain, float32 (H, W, 3) in the order of `stains.names`.
 
@@ -151,6 +140,24 @@ def dab_positive(
 ) -> np.ndarray:
     """Pixels whose (gated) DAB OD exceeds `threshold` OD, bool (H, W)."""
     return dab_od(rgb, residual_gate) > threshold
+
+
+def dab_background(dab: np.ndarray, tissue: np.ndarray, floor: float) -> float:
+    """Non-specific DAB OD of a slide: the median DAB OD of its clearly negative tissue.
+
+    Tissue pixels are split in two by Otsu on their DAB OD, the split bounded below by `floor`
+    (a slide with no positive class keeps all tissue below `floor` as negative); the median of
+    the lower class is the background tint. 0 when there is too little tissue.
+    """
+    values = np.asarray(dab, np.float32)[np.asarray(tissue, bool)]
+    if values.size < 100:
+        return 0.0
+    values = np.clip(values, 0, 2.0)
+    u8 = np.round(values / 2.0 * 255).astype(np.uint8).reshape(-1, 1)
+    otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    split = max(float(otsu) / 255 * 2.0, floor)
+    negative = values[values < split]
+    return float(np.median(negative)) if negative.size else 0.0
 
 
 def hematoxylin_od(rgb: np.ndarray, stains: Stains | str = "H-DAB") -> np.ndarray:

@@ -2,10 +2,11 @@
 
 The IHC region under the tiles is read once, in big row bands at `label_mpp`, and turned into
 two maps: tissue (summed RGB optical density above `tissue_od_threshold`) and DAB-positive
-tissue (DAB optical density above `dab_od_threshold`). Both maps are warped into the H&E frame
-at `label_mpp` through the H&E -> IHC transform (a dense `cv2.remap`, band by band), so every
-tile footprint, rigid or not, is measured with two box sums over integral images: no IHC pixel
-is read twice, however much the tiles overlap.
+tissue (DAB optical density above `dab_od_threshold`, raised per slide above its non-specific
+background tint when `dab_background` is on: see `slide_dab_threshold`). Both maps are warped
+into the H&E frame at `label_mpp` through the H&E -> IHC transform (a dense `cv2.remap`, band
+by band), so every tile footprint, rigid or not, is measured with two box sums over integral
+images: no IHC pixel is read twice, however much the tiles overlap.
 
 All optical densities are base-10 (OD = -log10(I / I0)), as in QuPath.
 """
@@ -23,7 +24,7 @@ from pydantic import Field, model_validator
 
 from histocsc.config import StrictModel
 from histocsc.errors import LabelError
-from histocsc.ihc.deconvolution import dab_od_from_od, optical_density
+from histocsc.ihc.deconvolution import dab_background, dab_od_from_od, optical_density
 from histocsc.io import atomic_path
 
 PointMap = Callable[[np.ndarray], np.ndarray]
@@ -31,6 +32,7 @@ PointMap = Callable[[np.ndarray], np.ndarray]
 
 BAND_ROWS = 2048  # output rows per IHC read / warp band
 MAP_STEP = 4  # the transform is evaluated every MAP_STEP label pixels, bilinear in between
+BACKGROUND_MPP_FACTOR = 2  # the background tint is estimated at this x label_mpp
 
 
 class MarkerThresholds(StrictModel):
@@ -51,7 +53,13 @@ class LabelConfig(StrictModel):
     )
     label_mpp: float = Field(2.0, gt=0, description="µm/px at which the IHC is measured")
     dab_od_threshold: float = Field(
-        0.1, ge=0, description="DAB optical density (base-10 OD) above which a pixel is positive"
+        0.15, ge=0, description="DAB optical density (base-10 OD) above which a pixel is positive"
+    )
+    dab_background: bool = Field(
+        True, description="raise the DAB threshold per slide above its background tint"
+    )
+    dab_background_margin: float = Field(
+        0.1, ge=0, description="positive: DAB OD above the slide's background by this much"
     )
     tissue_od_threshold: float = Field(
         0.15, ge=0, description="summed RGB optical density (base-10 OD) above which it is tissue"
@@ -107,6 +115,29 @@ class MarkerLabels:
     fraction: np.ndarray  # float, NaN where the footprint holds no IHC tissue
     tissue: np.ndarray  # float in [0, 1]
     label: np.ndarray  # int8: 1 positive, 0 negative, -1 ignored
+    dab_od_threshold: float | None = None  # the threshold used on this slide
+
+
+def slide_dab_threshold(rgb: np.ndarray, cfg: LabelConfig) -> float:
+    """The DAB OD threshold for a slide (RGB: a low-resolution view of its tissue).
+
+    `cfg.dab_od_threshold`, raised to the slide's background tint (`dab_background`: median DAB
+    OD of its clearly negative tissue) plus `dab_background_margin`, so a slide with a beige
+    non-specific tint does not turn positive.
+    """
+    if not cfg.dab_background:
+        return cfg.dab_od_threshold
+    od = optical_density(rgb)
+    tissue = od.sum(axis=-1) > cfg.tissue_od_threshold
+    background = dab_background(dab_od_from_od(od), tissue, cfg.dab_od_threshold)
+    return max(cfg.dab_od_threshold, background + cfg.dab_background_margin)
+
+
+def positive_fraction(rgb: np.ndarray, cfg: LabelConfig) -> float:
+    """DAB-positive share of the tissue of one IHC image, with its own background estimate."""
+    cfg = cfg.model_copy(update={"dab_od_threshold": slide_dab_threshold(rgb, cfg)})
+    tissue, positive = stain_maps(rgb, cfg)
+    return float(positive.sum() / max(1, tissue.sum()))
 
 
 def stain_maps(rgb: np.ndarray, cfg: LabelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -293,12 +324,18 @@ def label_slide(
         region = footprint_region(tiles_xywh, he_to_ihc, slide.dimensions, margin)
         if region is None:
             raise LabelError(f"{ihc_path}: the H&E tiles map outside the IHC slide")
+        x, y, w, h = region
+        view = slide.read(x, y, w, h, max(slide.mpp, BACKGROUND_MPP_FACTOR * cfg.label_mpp))
+        threshold = slide_dab_threshold(view, cfg)
+        cfg = cfg.model_copy(update={"dab_od_threshold": threshold})
         maps = read_stain_maps(slide, cfg, region)
     if not maps.tissue.any():
         raise LabelError(
             f"{ihc_path}: no tissue found under the H&E tiles at {cfg.label_mpp} µm/px"
         )
-    return measure_tiles(tiles_xywh, he_mpp, maps, he_to_ihc, cfg)
+    result = measure_tiles(tiles_xywh, he_mpp, maps, he_to_ihc, cfg)
+    result.dab_od_threshold = threshold
+    return result
 
 
 LABEL_COLOURS = {1: (220, 30, 30), 0: (30, 180, 60), -1: (150, 150, 150)}

@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from histocsc.errors import DataError, RegistrationError
+from histocsc.errors import (
+    DataError,
+    DataNotFoundError,
+    RegistrationError,
+    RegistrationNotFoundError,
+)
 from histocsc.io import atomic_path, read_json, write_json
 
 FORMAT = "histocsc-transform"
@@ -169,7 +174,7 @@ class Transform:
         if path.is_dir():
             path = path / "transform.json"
         if not path.is_file():
-            raise RegistrationError(f"{path}: transform file not found")
+            raise RegistrationNotFoundError(f"{path}: transform file not found")
         try:
             data = read_json(path)
         except ValueError as exc:
@@ -209,7 +214,7 @@ def read_points_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
     """Landmark CSV (header ``,X,Y``; rows ``index,x,y``, level-0 px) -> (indices, (N, 2))."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: points file not found")
+        raise DataNotFoundError(f"{path}: points file not found")
     rows = list(csv.reader(path.read_text().splitlines()))
     if not rows or [c.strip().upper() for c in rows[0][-2:]] != ["X", "Y"]:
         raise DataError(f"{path}: expected a header ',X,Y' (landmark CSV)")

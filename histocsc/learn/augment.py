@@ -16,6 +16,7 @@ import albumentations as A  # noqa: E402
 
 from histocsc.config import StrictModel  # noqa: E402
 from histocsc.errors import ConfigError  # noqa: E402
+from histocsc.wsi.optical_density import OD_LUT  # noqa: E402
 
 
 class AugmentConfig(StrictModel):
@@ -55,7 +56,7 @@ class HEDJitter(A.ImageOnlyTransform):
     )
     _RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
     _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
-    _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)
+    _OD_LUT = OD_LUT * np.float32(np.log(10))  # natural-log OD: the shift is in these units
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Weight
 
 from histocsc.cohort import read_cohort
 from histocsc.config import StrictModel
-from histocsc.errors import ConfigError, DataError, LabelError
+from histocsc.errors import ConfigError, DataError, DataNotFoundError, LabelError
 from histocsc.learn.augment import AugmentConfig, build_augment
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +68,7 @@ class CaseTiles:
 
 def _read_labels(path: Path, markers: list[str]) -> tuple[dict[str, np.ndarray], int]:
     if not path.is_file():
-        raise DataError(f"{path}: labels.csv not found (run `histocsc prepare` first)")
+        raise DataNotFoundError(f"{path}: labels.csv not found (run `histocsc prepare` first)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
@@ -133,7 +133,7 @@ def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> C
     cols, n = _read_labels(folder / "labels.csv", markers)
     grid_json = folder / "grid.json"
     if not grid_json.is_file():
-        raise DataError(f"{grid_json}: grid sidecar not found")
+        raise DataNotFoundError(f"{grid_json}: grid sidecar not found")
     try:
         grid = json.loads(grid_json.read_text())
         tile_px, mpp = int(grid["tile_px"]), float(grid["mpp"])
@@ -239,7 +239,8 @@ class TileDataset(Dataset):
             if self.source == "store":
                 path = case.folder / "tiles.npy"
                 if not path.is_file():
-                    raise DataError(f"{path}: tile store not found (set data.source=slide?)")
+                    msg = f"{path}: tile store not found (set data.source=slide?)"
+                    raise DataNotFoundError(msg)
                 store = np.load(path, mmap_mode="r")
                 if store.ndim != 4 or store.shape[1:] != (case.tile_px, case.tile_px, 3):
                     raise DataError(
@@ -319,7 +320,7 @@ class TileDataModule(L.LightningDataModule):
         for case in cohort.cases:
             folder = self.root / case.case
             if not folder.is_dir():
-                raise DataError(f"{folder}: case folder of the prepared cohort not found")
+                raise DataNotFoundError(f"{folder}: case folder of the prepared cohort not found")
             tiles = load_case(folder, self.markers, self.cfg, self.seed)
             if tiles is None:
                 self.skipped.append(f"{case.case}: registration QC failed")

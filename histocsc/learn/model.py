@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from histocsc.errors import ModelError
+from histocsc.errors import ModelError, ModelNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,7 +108,7 @@ def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise ModelError(f"{path}: weights file not found (weights are never downloaded)")
+        raise ModelNotFoundError(f"{path}: weights file not found (weights are never downloaded)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
@@ -157,7 +157,7 @@ def find_checkpoint(path: str | Path) -> Path:
                     return candidate
         raise ModelError(f"{path}: no checkpoints/best.ckpt or last.ckpt in this run folder")
     if not path.is_file():
-        raise ModelError(f"{path}: checkpoint not found")
+        raise ModelNotFoundError(f"{path}: checkpoint not found")
     return path
 
 

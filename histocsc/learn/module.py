@@ -1,9 +1,11 @@
-"""The LightningModule: masked multi-label BCE, AdamW, cosine / one-cycle schedule, and
-per-marker AUROC / average precision (torchmetrics) on validation and test."""
+"""The LightningModule: masked multi-label BCE, AdamW, warm-up + cosine / one-cycle schedule
+(torch's schedulers), and per-marker AUROC / average precision (torchmetrics) on validation and
+test."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import lightning as L
@@ -11,9 +13,9 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import (
-    binary_auroc,
     binary_average_precision,
     binary_roc,
+    multilabel_auroc,
 )
 
 from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_model
@@ -52,6 +54,7 @@ class MarkerMetrics(Metric):
     def compute(self) -> dict[str, dict[str, float]]:
         probs = _cat(self.probs, len(self.markers), torch.float32, self.device)
         target = _cat(self.target, len(self.markers), torch.int8, self.device)
+        aurocs = masked_auroc(probs, target)
         out: dict[str, dict[str, float]] = {}
         for j, marker in enumerate(self.markers):
             keep = target[:, j] >= 0
@@ -59,7 +62,7 @@ class MarkerMetrics(Metric):
             pos, neg = int((t == 1).sum()), int((t == 0).sum())
             row = {"positive": float(pos), "negative": float(neg)}
             if pos and neg:
-                row["auroc"] = float(binary_auroc(p, t))
+                row["auroc"] = float(aurocs[j])
                 row["ap"] = float(binary_average_precision(p, t))
                 fpr, tpr, thr = binary_roc(p, t)
                 best = int(torch.argmax(tpr - fpr))
@@ -70,12 +73,35 @@ class MarkerMetrics(Metric):
         return out
 
 
+def masked_auroc(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """AUROC per marker (column) over the tiles labelled for it (target -1 is ignored);
+    torchmetrics gives 0 where a marker lacks a class, which `compute` reports as NaN."""
+    if len(probs) == 0:
+        return torch.zeros(probs.shape[1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*samples in (targets|target)")
+        return multilabel_auroc(
+            probs, target.long(), probs.shape[1], average=None, ignore_index=-1
+        )
+
+
 def _cat(items: Any, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(items, torch.Tensor):
         return items
     if not items:
         return torch.zeros((0, width), dtype=dtype, device=device)
     return torch.cat(items)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
+    """Linear warm-up over `warmup` steps (from 1 / (warmup + 1) of the rate), then cosine
+    annealing to 0 at step `total`."""
+    sched = torch.optim.lr_scheduler
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup <= 0:
+        return cosine
+    linear = sched.LinearLR(optimizer, 1 / (warmup + 1), 1.0, total_iters=warmup)
+    return sched.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
 class TileClassifier(L.LightningModule):
@@ -190,14 +216,7 @@ class TileClassifier(L.LightningModule):
         else:
             epochs = max(1, self.trainer.max_epochs or 1)
             warmup = min(total - 1, int(round(total * hp.warmup_epochs / epochs)))
-
-            def factor(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / (warmup + 1)
-                progress = (step - warmup) / max(1, total - warmup)
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            scheduler = warmup_cosine(optimizer, warmup, total)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -7,7 +7,6 @@ timings, best and test metrics), test_metrics.json.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import logging
 import platform
@@ -28,8 +27,9 @@ from pydantic import Field, field_validator
 
 from histocsc import __version__
 from histocsc.config import StrictModel, load_config
-from histocsc.errors import ConfigError, ModelError
+from histocsc.errors import ConfigError, ModelError, ModelNotFoundError
 from histocsc.io import atomic_path, write_json
+from histocsc.learn import metrics_csv
 from histocsc.learn.calibration import calibrate_run, to_meta
 from histocsc.learn.data import DataConfig, TileDataModule
 from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, check_backbone
@@ -187,17 +187,10 @@ def versions() -> dict[str, Any]:
 
 
 def _csv_logger(run_dir: Path) -> CSVLogger:
-    """CSVLogger that keeps the rows of an earlier run in the same folder (resume)."""
-    logger = CSVLogger(run_dir, name="logs", version="")
-    existing = run_dir / "logs" / "metrics.csv"
-    if rank_zero_only.rank == 0 and existing.is_file():
-        kept = existing.read_text()
-        with existing.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        writer = logger.experiment  # Lightning deletes an existing metrics.csv here
-        existing.write_text(kept)
-        writer.metrics_keys = sorted(header)
-    return logger
+    """CSVLogger in RUN/logs; the rows of an earlier run there are set aside (see metrics_csv)."""
+    if rank_zero_only.rank == 0:
+        metrics_csv.set_aside(run_dir / "logs")
+    return CSVLogger(run_dir, name="logs", version="")
 
 
 def _loggers(run_dir: Path) -> list[Logger]:
@@ -240,12 +233,12 @@ def train(
     started = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, resume)
     if cfg.model.weights_path and not Path(cfg.model.weights_path).is_file():
-        raise ModelError(
+        raise ModelNotFoundError(
             f"{cfg.model.weights_path}: weights file not found (model.weights_path; "
             "weights are never downloaded)"
         )
     if resume is not None and not Path(resume).is_file():
-        raise ModelError(f"{resume}: checkpoint to resume from not found")
+        raise ModelNotFoundError(f"{resume}: checkpoint to resume from not found")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data = TileDataModule(cfg.data, seed=cfg.seed)
@@ -389,4 +382,5 @@ def train(
         }
         write_json(run_dir / "run.json", run_meta)
         write_json(run_dir / "test_metrics.json", test_results)
+        metrics_csv.put_back(run_dir / "logs")
     return result

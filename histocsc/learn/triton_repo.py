@@ -15,6 +15,7 @@ from pathlib import Path
 
 from histocsc.errors import ConfigError, ModelError
 from histocsc.io import file_checksum
+from histocsc.learn.metadata import read_metadata
 
 DEFAULT_NAME = "histocsc"
 INPUT, OUTPUT = "tiles", "probabilities"
@@ -81,8 +82,6 @@ def write_triton_repo(model: str | Path, repo: str | Path, name: str = DEFAULT_N
 
     Refuses to replace an existing `<repo>/<name>/`. The folder appears whole or not at all.
     """
-    from histocsc.learn.export import read_metadata
-
     model, repo = Path(model), Path(repo)
     if max_batch < 1:
         raise ConfigError(f"max_batch must be at least 1, got {max_batch}")

@@ -25,7 +25,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage on a fresh phantom cohort in `out`; returns (and writes) a summary."""
     from histocsc.cohort import read_cohort
-    from histocsc.config import load_config
+    from histocsc.config import load_config, packaged_config
     from histocsc.evaluate.metrics import evaluate
     from histocsc.ihc.labels import LabelConfig
     from histocsc.ihc.registration import RegistrationConfig
@@ -66,8 +66,7 @@ def run_demo(
     lap("prepare")
 
     say("3/5 train: tiny CNN on the labelled tiles (split by case)")
-    config = Path(__file__).resolve().parents[2] / "configs" / "train-ci.yaml"
-    cfg = load_train_config(config if config.is_file() else None, {
+    cfg = load_train_config(packaged_config("train-ci.yaml"), {
         "data.root": str(prepared), "out": str(out / "run"), "seed": seed,
         "model.backbone": "tiny", "trainer.max_epochs": epochs, "trainer.accelerator": "cpu",
     })
@@ -115,6 +114,7 @@ def run_demo(
             "model": str(out / "model.onnx"),
             "heatmaps": [str(out / "infer" / s.stem) for s in slides],
             "evaluation": [str(out / "evaluate" / c.case) for c in test_cases],
+            "reports": [str(out / "infer" / s.stem / "report.html") for s in slides],
         },
     }
     write_json(out / "demo_summary.json", summary)

@@ -207,6 +207,7 @@ def prepare_case(
             result.label[:] = -1
         results[marker] = result
         qc.update(_counts(result.label))
+        qc["dab_od_threshold"] = getattr(result, "dab_od_threshold", None)
         marker_qc[marker] = qc
 
     write_labels_csv(case_dir / LABELS_CSV, {c: grid.table[c] for c in COLUMNS}, results)

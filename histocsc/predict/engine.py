@@ -7,7 +7,6 @@ bounded queue of tile batches in grid order while onnxruntime computes on the pr
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import deque
@@ -20,26 +19,27 @@ from typing import Any
 
 import numpy as np
 
-from histocsc.errors import ConfigError, DataError, ModelError
+from histocsc.cpu import cpu_count
+from histocsc.errors import (
+    ConfigError,
+    DataError,
+    DataNotFoundError,
+    ModelError,
+    ModelNotFoundError,
+)
 from histocsc.io import file_checksum, write_json
 from histocsc.learn.metadata import decode_metadata
+from histocsc.models import builtin_facts
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
-from histocsc.wsi.extract import TileReader
+from histocsc.predict.report import REPORT, write_report
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
+from histocsc.wsi.reader import TileReader
 from histocsc.wsi.slide import Slide, open_slide
 
 DEVICES = ("auto", "cpu", "cuda")
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
                   ".bif"}
-
-
-def cpu_count() -> int:
-    """Cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def choose_providers(device: str) -> tuple[list[Any], str]:
@@ -70,7 +70,7 @@ class Engine:
 
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise ModelError(f"{self.path}: model file not found")
+            raise ModelNotFoundError(f"{self.path}: model file not found")
         providers, self.device = choose_providers(device)
         self.threads = threads or cpu_count()
         opts = ort.SessionOptions()
@@ -112,7 +112,8 @@ class Engine:
     def model_info(self) -> dict[str, Any]:
         """What summary.json records about the model."""
         return {"path": str(self.path.resolve()), "checksum": self.checksum,
-                **self.meta, "device": self.device, "threads": self.threads}
+                **self.meta, "device": self.device, "threads": self.threads,
+                **builtin_facts(self.checksum)}
 
 
 @dataclass
@@ -250,6 +251,8 @@ def infer_slide(
                             timings)
     t3 = time.perf_counter()
     timings |= {"outputs": t3 - t2, "total": t3 - t0}
+    summary["outputs"].append(REPORT)
+    write_report(out_dir, summary, thumb)
     write_json(out_dir / SUMMARY, summary)  # last: its presence marks the slide finished
     return summary
 
@@ -267,7 +270,7 @@ def collect_slides(inputs: list[Path]) -> list[Path]:
         elif path.is_file():
             slides.append(path)
         else:
-            raise DataError(f"{path}: no such slide file or folder")
+            raise DataNotFoundError(f"{path}: no such slide file or folder")
     unique = list(dict.fromkeys(p.resolve() for p in slides))
     stems: dict[str, Path] = {}
     for p in unique:

@@ -45,7 +45,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.metrics = metrics
-        self.max_pending_tiles = max_pending_tiles or 64 * max_batch
+        self.max_pending_tiles = max_pending_tiles or 16 * max_batch
         self._queue: deque[_Request] = deque()
         self._pending = 0
         self._cond = threading.Condition()

@@ -30,6 +30,56 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 JSON_BYTES_PER_VALUE = 4  # "255," at most
 
 
+INFER_BODY = {
+    "description": "JSON `{inputs: [{name: tiles, datatype: UINT8, shape: [N, H, W, 3], data: "
+                   "[...]}]}`, or Triton's binary-tensor extension (header "
+                   "`Inference-Header-Content-Length`).",
+    "required": True,
+    "content": {"application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+# Registered first and without typed parameters: the hot path skips FastAPI's route scan and
+# parameter validation (the model name is checked by _model).
+@router.post("/models/{name}/infer", summary="Probabilities for a batch of tiles",
+             openapi_extra={"requestBody": INFER_BODY, "parameters": [NAME_PARAM]})
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def infer(request: Request) -> Response:
+    svc = service(request)
+    _model(svc, request.path_params["name"], request.path_params.get("version"))
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise HttpError(400, f"Content-Encoding {request.headers['content-encoding']!r} is not "
+                             "supported; send the body uncompressed")
+    tile_px, max_tiles = svc.engine.tile_px, svc.settings.max_tiles_per_request
+    limit = max_tiles * tile_px * tile_px * 3 * JSON_BYTES_PER_VALUE + 65536
+    body = await read_limited(request.stream(), limit, "infer request body")
+    try:
+        if len(body) > 1 << 20:  # parsing a big JSON body would hold up the event loop
+            req = await run_in_threadpool(decode_request, body, request.headers.get(HEADER_LENGTH),
+                                          tile_px, max_tiles)
+        else:
+            req = decode_request(body, request.headers.get(HEADER_LENGTH), tile_px, max_tiles)
+    except BadRequest as exc:
+        svc.metrics.inference_requests.labels(outcome="failure").inc()
+        raise HttpError(400, str(exc)) from None
+    try:
+        future = svc.batcher.submit(req.tiles)
+    except Overloaded as exc:
+        svc.metrics.inference_requests.labels(outcome="failure").inc()
+        raise HttpError(429, f"server busy ({exc}); retry later", {"Retry-After": "1"}) from None
+    try:
+        probs = await asyncio.wrap_future(future)
+    except Exception:
+        svc.metrics.inference_requests.labels(outcome="failure").inc()
+        raise
+    svc.metrics.inference_requests.labels(outcome="success").inc()
+    payload, headers = encode_response(svc.settings.model_name, MODEL_VERSION, req.id, probs,
+                                       req.binary_output)
+    return Response(payload, headers=headers)
+
+
 @router.get("/health/live", summary="Server is live")
 def live() -> dict[str, bool]:
     return {"live": True}
@@ -98,50 +148,3 @@ def model_ready(request: Request, response: Response, name: str,
     if not ok:
         response.status_code = 503
     return {"name": name, "ready": ok}
-
-
-INFER_BODY = {
-    "description": "JSON `{inputs: [{name: tiles, datatype: UINT8, shape: [N, H, W, 3], data: "
-                   "[...]}]}`, or Triton's binary-tensor extension (header "
-                   "`Inference-Header-Content-Length`).",
-    "required": True,
-    "content": {"application/json": {"schema": {"type": "object"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-}
-
-
-@router.post("/models/{name}/infer", summary="Probabilities for a batch of tiles",
-             openapi_extra={"requestBody": INFER_BODY})
-@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    svc = service(request)
-    _model(svc, name, version)
-    if request.headers.get("content-encoding", "identity") != "identity":
-        raise HttpError(400, f"Content-Encoding {request.headers['content-encoding']!r} is not "
-                             "supported; send the body uncompressed")
-    tile_px, max_tiles = svc.engine.tile_px, svc.settings.max_tiles_per_request
-    limit = max_tiles * tile_px * tile_px * 3 * JSON_BYTES_PER_VALUE + 65536
-    body = await read_limited(request.stream(), limit, "infer request body")
-    try:
-        if len(body) > 1 << 20:  # parsing a big JSON body would hold up the event loop
-            req = await run_in_threadpool(decode_request, body, request.headers.get(HEADER_LENGTH),
-                                          tile_px, max_tiles)
-        else:
-            req = decode_request(body, request.headers.get(HEADER_LENGTH), tile_px, max_tiles)
-    except BadRequest as exc:
-        svc.metrics.inference_requests.labels(outcome="failure").inc()
-        raise HttpError(400, str(exc)) from None
-    try:
-        future = svc.batcher.submit(req.tiles)
-    except Overloaded as exc:
-        svc.metrics.inference_requests.labels(outcome="failure").inc()
-        raise HttpError(429, f"server busy ({exc}); retry later", {"Retry-After": "1"}) from None
-    try:
-        probs = await asyncio.wrap_future(future)
-    except Exception:
-        svc.metrics.inference_requests.labels(outcome="failure").inc()
-        raise
-    svc.metrics.inference_requests.labels(outcome="success").inc()
-    payload, headers = encode_response(svc.settings.model_name, MODEL_VERSION, req.id, probs,
-                                       req.binary_output)
-    return Response(payload, headers=headers)

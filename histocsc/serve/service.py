@@ -7,8 +7,9 @@ from pathlib import Path
 
 from fastapi import Request
 
+from histocsc.cpu import cpu_count
 from histocsc.errors import ConfigError
-from histocsc.predict.engine import Engine, InferOptions, cpu_count
+from histocsc.predict.engine import Engine, InferOptions
 from histocsc.serve.batching import Batcher
 from histocsc.serve.jobs import STATES, JobStore
 from histocsc.serve.metrics import Metrics

@@ -24,6 +24,7 @@ from histocsc.wsi.slide import open_slide
 
 GRID_PX = 16  # landmark spacing (moving px)
 MIN_TISSUE = 0.85  # both crops: at least this fraction of tissue
+WARP_WAVELENGTH_UM = (1500.0, 4000.0)  # elastic warp wavelengths (synthetic.transform's range)
 
 
 @dataclass
@@ -47,7 +48,7 @@ def make_pair(
         "mirror": bool(rng.random() < 0.5),
         "scale": float(rng.uniform(0.97, 1.03)),
         "overlap": float(rng.uniform(0.5, 0.95)),
-        "elastic_px": float(rng.uniform(0, 0.012 * size)),
+        "elastic_px": float(rng.uniform(0, 0.012 * size)),  # amplitude
         "ihc": bool(rng.random() < 0.85),
         "blur_px": float(rng.uniform(0, 1.5)),
         "light": float(rng.uniform(0, 0.15)),
@@ -57,7 +58,7 @@ def make_pair(
     tissue = tissue_mask_od(source, 0.15)
     for _ in range(200):
         o_f = np.array([rng.uniform(0, w - size), rng.uniform(0, h - size)])
-        smap = _source_map(rng, p, size, o_f)
+        smap = _source_map(rng, p, size, o_f, mpp)
         if smap is None or not _inside(smap, w, h):
             continue
         fx, fy = int(o_f[0]), int(o_f[1])
@@ -82,7 +83,7 @@ def make_pair(
     return Pair(fixed_rgb, moving, f[keep] + 0.5, q[keep] + 0.5, mpp, p)
 
 
-def _source_map(rng: np.random.Generator, p: dict, size: int, o_f: np.ndarray):
+def _source_map(rng: np.random.Generator, p: dict, size: int, o_f: np.ndarray, mpp: float):
     """(map_x, map_y): moving px -> source px, or None."""
     th = math.radians(p["rotation_deg"])
     lin = p["scale"] * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
@@ -96,9 +97,9 @@ def _source_map(rng: np.random.Generator, p: dict, size: int, o_f: np.ndarray):
     dq = np.stack([gx - c, gy - c], -1)
     s = centre_s + dq @ lin.T
     amp = p["elastic_px"]
-    if amp > 0:
+    if amp > 0:  # wavelengths of serial-section warps, as the phantom generator draws them
         for k in range(2):
-            fx, fy = rng.uniform(0.5, 1.5, 2) * 2 * math.pi / size
+            fx, fy = 2 * math.pi / (rng.uniform(*WARP_WAVELENGTH_UM, 2) / mpp)
             ph = rng.uniform(0, 2 * math.pi, 2)
             s[..., k] += amp * np.sin(fx * gx + ph[0]) * np.cos(fy * gy + ph[1])
     return s[..., 0].astype(np.float32), s[..., 1].astype(np.float32)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from histocsc.errors import DataError
+from histocsc.errors import DataError, DataNotFoundError
 from histocsc.io import read_json
 from histocsc.synthetic.transform import SectionTransform
 
@@ -28,7 +28,7 @@ def load_truth(case_dir: str | Path) -> dict[str, Any]:
     case_dir = Path(case_dir)
     path = case_dir / TRUTH_NAME if case_dir.is_dir() else case_dir
     if not path.is_file():
-        raise DataError(f"{path}: phantom truth file not found")
+        raise DataNotFoundError(f"{path}: phantom truth file not found")
     try:
         truth = read_json(path)
         root = path.parent.resolve()
@@ -86,7 +86,7 @@ def load_mask(truth: dict[str, Any], marker: str) -> np.ndarray:
     if not path.is_absolute():
         path = Path(truth.get("case_dir", ".")) / path
     if not path.is_file():
-        raise DataError(f"{path}: marker mask not found")
+        raise DataNotFoundError(f"{path}: marker mask not found")
     return np.asarray(Image.open(path).convert("L")) > 127
 
 

@@ -5,24 +5,19 @@ Per slide, in `OUT/<slide_stem>/`: `mask.png` (tissue mask at the thumbnail reso
 `histocsc.wsi.grid`) and, with `save_images`, `tiles.npy`: uint8 (N, tile_px, tile_px, 3) in grid
 row order, readable with `np.load(path, mmap_mode="r")`.
 
-Speed: tiles are read a row-run at a time (up to `MAX_RUN` neighbouring tiles per read). For
-Aperio SVS and generic tiled TIFFs, level-0 tiles are decoded directly (tifffile + imagecodecs,
-the same codecs OpenSlide uses, identical pixels) with a cache holding the slide rows a run
-spans, so each stored JPEG tile is decoded once; other formats go through OpenSlide with a
-large tile cache. Resizing (cv2 INTER_AREA) happens only when the tile mpp is not a level's mpp.
-Tiles are written with pwrite into a `.npy` created with `np.lib.format.open_memmap`. The grid is
-cut into bands of rows that worker processes fill in parallel, each with its own slide handle; so
-one big slide uses every worker, and so do many small ones. Every output is written under a
-temporary name and renamed; `grid.json` is written last, so a slide counts as finished only when
-its sidecar exists and its parameters and slide checksum match the current run.
+Speed: tiles are read in runs of neighbours by `histocsc.wsi.reader.TileReader` (for Aperio SVS
+and generic tiled TIFFs, level-0 tiles decoded directly) and written with pwrite into a `.npy`
+created with `np.lib.format.open_memmap`. The grid is cut into bands of rows that worker
+processes fill in parallel, each with its own slide handle; so one big slide uses every worker,
+and so do many small ones. Every output is written under a temporary name and renamed;
+`grid.json` is written last, so a slide counts as finished only when its sidecar exists and its
+parameters and slide checksum match the current run.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import contextlib
-import ctypes
 import dataclasses
 import math
 import multiprocessing
@@ -36,13 +31,13 @@ from typing import Any
 
 import cv2
 import numpy as np
-import openslide
-import openslide.lowlevel
 from PIL import Image
 
+from histocsc.cpu import cpu_count
 from histocsc.errors import DataError, HistocscError, SlideError
 from histocsc.io import atomic_path, file_checksum, read_json
 from histocsc.wsi.grid import GRID_JSON, TileGrid, TilesConfig, make_grid
+from histocsc.wsi.reader import close_readers, process_reader
 from histocsc.wsi.slide import open_slide
 from histocsc.wsi.tissue import tissue_mask
 
@@ -61,9 +56,6 @@ SLIDE_SUFFIXES = {
 TILES_NPY = "tiles.npy"
 MASK_PNG = "mask.png"
 THUMB_PNG = "thumbnail.png"
-MAX_RUN = 24  # neighbouring tiles read as one region
-TILE_CACHE_BYTES = 512 * 2**20  # at most this much of decoded TIFF tiles kept per reader
-CACHE_BYTES = 256 * 2**20  # OpenSlide tile cache per reader: two rows of JPEG tiles of a big slide
 OVERVIEW_MAX_PX = 2048  # long side of thumbnail.png, at most ...
 OVERVIEW_MIN_PX = 1024  # ... and at least (unless the slide itself is smaller)
 Advance = Callable[[int], None]
@@ -215,232 +207,6 @@ def finish_slide(task: SlideTask, grid: TileGrid, tmp_tiles: Path | None) -> Non
     grid.save(task.out_dir)
 
 
-# -- tile pixels ---------------------------------------------------------------------------------
-class TiffLevel0:
-    """Level 0 of a tiled TIFF slide (Aperio SVS or generic pyramidal TIFF) read by decoding its
-    tiles directly (tifffile + imagecodecs: JPEG, JPEG 2000, ...) into RGB, with a cache of
-    decoded tiles holding the rows of the slide that a run of tiles spans. The decoding is the
-    one OpenSlide does for these formats (the pixels are identical), minus its ARGB compositing
-    and copies."""
-
-    FORMATS = {"aperio", "generic-tiff"}
-
-    def __init__(self, path: Path, width: int, height: int) -> None:
-        import tifffile
-
-        self._tif = tifffile.TiffFile(str(path))
-        page = self._tif.pages[0]
-        ok = (
-            page.is_tiled
-            and page.shape[:2] == (height, width)
-            and page.ndim == 3
-            and page.shape[2] == 3
-            and page.dtype == np.uint8
-            and page.planarconfig == 1
-            and page.tiledepth == 1
-        )
-        if not ok:
-            self._tif.close()
-            raise ValueError("level 0 is not a tiled 8-bit RGB page")
-        self._page, self._decode = page, page.decode
-        self._fd = self._tif.filehandle.fileno()
-        self.tw, self.th = page.tilewidth, page.tilelength
-        self.cols = -(-width // self.tw)
-        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._capacity = 2 * self.cols + 8  # grown in `read` to hold the rows a run spans
-        self._max_capacity = max(64, TILE_CACHE_BYTES // (self.tw * self.th * 3))
-        self._tile(0)  # fail here, not mid-run, if the codec is unsupported
-
-    def _tile(self, index: int) -> np.ndarray:
-        tile = self._cache.get(index)
-        if tile is not None:
-            self._cache.move_to_end(index)
-            return tile
-        count = self._page.databytecounts[index]
-        if count == 0:  # a tile the scanner never wrote: white, as OpenSlide composites it
-            tile = np.full((self.th, self.tw, 3), 255, np.uint8)
-        else:
-            data = os.pread(self._fd, count, self._page.dataoffsets[index])
-            tile = self._decode(data, index, jpegtables=self._page.jpegtables)[0]
-            tile = tile.reshape(self.th, self.tw, 3)
-        self._cache[index] = tile
-        if len(self._cache) > self._capacity:
-            self._cache.popitem(last=False)
-        return tile
-
-    def read(self, x: int, y: int, w: int, h: int, out: np.ndarray) -> np.ndarray:
-        """RGB pixels of the level-0 region (x, y, w, h), written into `out` (h, w, 3)."""
-        tw, th = self.tw, self.th
-        rows = (h + th - 1) // th + 1  # tile rows one run can touch, the last shared with the next
-        self._capacity = min(self._max_capacity, max(self._capacity, rows * self.cols + 8))
-        for ty in range(y // th, (y + h - 1) // th + 1):
-            for tx in range(x // tw, (x + w - 1) // tw + 1):
-                tile = self._tile(ty * self.cols + tx)
-                x0, y0 = max(x, tx * tw), max(y, ty * th)
-                x1, y1 = min(x + w, (tx + 1) * tw), min(y + h, (ty + 1) * th)
-                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
-                    y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw
-                ]
-        return out
-
-    def close(self) -> None:
-        self._tif.close()
-
-
-class TileReader:
-    """Reads runs of neighbouring tiles of one slide, fast.
-
-    Level 0 of Aperio SVS and generic tiled TIFFs is decoded directly (`TiffLevel0`); other
-    OpenSlide formats are read with one OpenSlide call per run into a reused buffer, with a large
-    tile cache. Tiles whose mpp is not a level's mpp are resized with an area filter (from level
-    0 when that is the level `Slide.read` would pick, else through `Slide.read`). Plain images go
-    through `Slide.read`.
-    """
-
-    def __init__(self, path: Path, slide_mpp: float | None) -> None:
-        self.slide = open_slide(path, mpp=slide_mpp)
-        self.osr: openslide.OpenSlide | None = None
-        self.tiff: TiffLevel0 | None = None
-        fmt = openslide.OpenSlide.detect_format(str(path))
-        if fmt in TiffLevel0.FORMATS:
-            with contextlib.suppress(Exception):  # anything unusual: OpenSlide reads it
-                self.tiff = TiffLevel0(path, *self.slide.dimensions)
-        if fmt and self.tiff is None:
-            self.osr = openslide.OpenSlide(str(path))
-            self.osr.set_cache(openslide.OpenSlideCache(CACHE_BYTES))
-        self._buf = np.empty(0, np.uint32)
-        self._rgb = np.empty(0, np.uint8)
-        self._tiles = np.empty(0, np.uint8)
-
-    def read_runs(self, boxes: np.ndarray, tile_px: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first index, tiles) for runs of neighbouring tiles at `boxes` (level-0
-        x, y, w, h), each tile resized to tile_px; the tiles array is reused between runs."""
-        for i, j in _runs(boxes, MAX_RUN):
-            x0, y0, size0 = int(boxes[i, 0]), int(boxes[i, 1]), int(boxes[i, 2])
-            x1 = int(boxes[j - 1, 0] + boxes[j - 1, 2])
-            offsets = boxes[i:j, 0] - x0
-            if self.tiff is not None and size0 == tile_px:
-                region, code = self._read_tiff(x0, y0, x1 - x0, size0), None
-            elif self.osr is not None and size0 == tile_px:
-                region, code = self._read_level0(x0, y0, x1 - x0, size0), cv2.COLOR_BGRA2RGB
-            else:
-                scale = tile_px / size0
-                width = max(tile_px, round((x1 - x0) * scale))
-                if self.tiff is not None and self._level0_is_best(size0 / tile_px):
-                    region = self._read_tiff(x0, y0, x1 - x0, size0)
-                    region = cv2.resize(region, (width, tile_px), interpolation=cv2.INTER_AREA)
-                else:
-                    region = self.slide.read(x0, y0, x1 - x0, size0, out_size=(width, tile_px))
-                offsets = np.minimum(np.round(offsets * scale).astype(int), width - tile_px)
-                code = None
-            tiles = self._tile_buffer(j - i, tile_px)
-            for k, off in enumerate(offsets):
-                tile = region[:, off : off + tile_px]
-                if code is None:
-                    tiles[k] = tile
-                else:
-                    cv2.cvtColor(tile, code, dst=tiles[k])
-            yield i, tiles
-
-    def close(self) -> None:
-        """Release the file handles."""
-        if self.tiff is not None:
-            self.tiff.close()
-        if self.osr is not None:
-            self.osr.close()
-        self.slide.close()
-
-    def _tile_buffer(self, n: int, tile_px: int) -> np.ndarray:
-        if self._tiles.shape[1:] != (tile_px, tile_px, 3) or len(self._tiles) < n:
-            self._tiles = np.empty((max(n, MAX_RUN), tile_px, tile_px, 3), np.uint8)
-        return self._tiles[:n]
-
-    def _level0_is_best(self, downsample: float) -> bool:
-        """True when no pyramid level other than 0 is fine enough for `downsample` (so
-        `Slide.read` would read level 0 too)."""
-        others = self.slide.level_downsamples[1:]
-        return downsample < 1 or all(ds > downsample * (1 + 1e-6) for ds in others)
-
-    def _read_tiff(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        assert self.tiff is not None
-        if self._rgb.size < w * h * 3:
-            self._rgb = np.empty(w * h * 3, np.uint8)
-        out = self._rgb[: w * h * 3].reshape(h, w, 3)
-        try:
-            return self.tiff.read(x, y, w, h, out)
-        except Exception as exc:  # noqa: BLE001 - a corrupt tile is the user's file problem
-            msg = f"{self.slide.path}: cannot decode pixels at x={x} y={y} ({exc})"
-            raise SlideError(msg) from None
-
-    def _read_level0(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """BGRA uint8 (h, w, 4) of a level-0 region, transparent areas made white."""
-        assert self.osr is not None
-        if self._buf.size < w * h:
-            self._buf = np.empty(w * h, np.uint32)
-        buf = self._buf[: w * h]
-        try:
-            _read_region_into(self.osr, buf, x, y, w, h)
-        except (openslide.OpenSlideError, OSError) as exc:
-            msg = f"{self.slide.path}: cannot read pixels at x={x} y={y} ({exc})"
-            raise SlideError(msg) from None
-        bgra = buf.view(np.uint8).reshape(h, w, 4)  # premultiplied ARGB words, little-endian
-        alpha = cv2.extractChannel(bgra, 3)
-        if alpha.min() < 255:  # on white: premultiplied colour + (255 - alpha)
-            bgra[..., :3] += (255 - alpha)[..., None]
-        return bgra
-
-
-def _read_region_into(osr: openslide.OpenSlide, buf: np.ndarray, x: int, y: int, w: int, h: int):
-    """OpenSlide's level-0 read straight into `buf` (uint32 premultiplied ARGB, w*h), skipping
-    the PIL image; falls back to the public API if openslide-python's internals change."""
-    try:
-        llread, handle = openslide.lowlevel._read_region, osr._osr  # noqa: SLF001
-    except AttributeError:
-        rgba = np.asarray(osr.read_region((x, y), 0, (w, h)))
-        bgra = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
-        alpha = bgra[..., 3:].astype(np.uint16)  # back to premultiplied, as OpenSlide gives
-        bgra[..., :3] = (bgra[..., :3] * alpha + 127) // 255
-        buf.view(np.uint8).reshape(h, w, 4)[:] = bgra
-        return
-    llread(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, 0, w, h)
-
-
-_READERS: dict[tuple[str, float | None], TileReader] = {}
-
-
-def _reader(path: Path, slide_mpp: float | None) -> TileReader:
-    """One reader per process and file, reused across chunks (keeps the tile cache warm)."""
-    key = (str(path), slide_mpp)
-    if key not in _READERS:
-        close_readers()  # one slide at a time per process: free the previous one
-        _READERS[key] = TileReader(path, slide_mpp)
-    return _READERS[key]
-
-
-def close_readers() -> None:
-    """Close this process's cached slide readers."""
-    for reader in _READERS.values():
-        reader.close()
-    _READERS.clear()
-
-
-def _runs(boxes: np.ndarray, max_run: int) -> Iterator[tuple[int, int]]:
-    """Index ranges [i, j) of neighbouring tiles on one row, at most `max_run` long."""
-    n = len(boxes)
-    i = 0
-    while i < n:
-        j = i + 1
-        while (
-            j < n
-            and j - i < max_run
-            and boxes[j, 1] == boxes[i, 1]
-            and 0 < boxes[j, 0] - boxes[j - 1, 0] <= boxes[j - 1, 2]
-        ):
-            j += 1
-        yield i, j
-        i = j
-
-
 def read_chunk(
     path: Path,
     slide_mpp: float | None,
@@ -457,7 +223,7 @@ def read_chunk(
     tile_bytes = tile_px * tile_px * 3
     fd = os.open(store_path, os.O_WRONLY)
     try:
-        for i, tiles in _reader(path, slide_mpp).read_runs(boxes, tile_px):
+        for i, tiles in process_reader(path, slide_mpp).read_runs(boxes, tile_px):
             _pwrite_all(fd, memoryview(tiles).cast("B"), header + (start + i) * tile_bytes)
     finally:
         os.close(fd)
@@ -561,7 +327,7 @@ def tile_slides(
         else:
             todo.append(task)
     bar = progress or _no_progress
-    processes = min(workers, max(1, os.cpu_count() or 1)) if todo else 1
+    processes = min(workers, cpu_count()) if todo else 1
     with _executor(processes) as pool:
         prepared: dict[SlideTask, tuple[TileGrid, Path | None]] = {}
         with bar("tissue", len(todo), "slides") as advance:

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from histocsc import __version__
 from histocsc.config import StrictModel
-from histocsc.errors import DataError, SlideError
+from histocsc.errors import DataError, DataNotFoundError, SlideError
 from histocsc.io import atomic_path, read_json, write_json
 from histocsc.wsi.slide import Slide
 from histocsc.wsi.tissue import TissueConfig, tissue_mask
@@ -111,7 +111,7 @@ class TileGrid:
         meta_path, csv_path = folder / GRID_JSON, folder / GRID_CSV
         for path in (meta_path, csv_path):
             if not path.is_file():
-                raise DataError(f"{path}: tile grid file not found")
+                raise DataNotFoundError(f"{path}: tile grid file not found")
         try:
             meta = read_json(meta_path)
             fields = {

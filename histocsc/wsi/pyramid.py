@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -72,28 +73,16 @@ def write_pyramid_tiff(
 
 
 def write_pyramid_tiff_from_array(
-    path: str | Path,
-    rgb: np.ndarray,
-    mpp: float,
-    tile: int = 256,
-    quality: int = 90,
-    min_size: int = 512,
-    description: str = "",
+    path: str | Path, rgb: np.ndarray, mpp: float, **options: Any
 ) -> Path:
-    """Write an RGB uint8 array already in memory as a pyramidal tiled TIFF."""
+    """Write an RGB uint8 array already in memory as a pyramidal tiled TIFF; `options` (tile,
+    quality, min_size, description) as for `write_pyramid_tiff`."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) array, got {rgb.shape}")
+    height, width = rgb.shape[:2]
     return write_pyramid_tiff(
-        path,
-        rgb.shape[0],
-        rgb.shape[1],
-        lambda y, x, h, w: rgb[y : y + h, x : x + w],
-        mpp,
-        tile=tile,
-        quality=quality,
-        min_size=min_size,
-        description=description,
+        path, height, width, lambda y, x, h, w: rgb[y : y + h, x : x + w], mpp, **options
     )
 
 

@@ -1,63 +1,104 @@
-"""Open any whole-slide image (OpenSlide) or plain image (Pillow / tifffile) and read at an mpp."""
+"""Open any whole-slide image or plain image and read it at an mpp.
+
+`Slide` is the small abstract slide every stage uses: a context manager whose coordinates are
+level-0 pixels and whose resolution is asked for in microns per pixel. There is one subclass per
+backend, and `open_slide` is the one factory that picks it (and logs which, and why it fell back):
+
+- `OpenSlideSlide` (`backend_openslide`): every format OpenSlide reads;
+- `TiffTileSlide` (`backend_tiff`): an Aperio SVS or generic tiled TIFF read by OpenSlide, whose
+  level-0 tiles are decoded directly for fast runs of tiles (asked for with `fast_tiles`);
+- `ImageSlide` (`backend_image`): a plain image (PNG, JPEG, flat TIFF), decoded once into memory
+  and shared by every handle open on the same file.
+"""
 
 from __future__ import annotations
 
+import abc
+import functools
+import logging
 import math
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar, TypeVar
 
 import cv2
 import numpy as np
 import openslide
-from PIL import Image
 
-from histocsc.errors import SlideError
+from histocsc.errors import SlideError, SlideNotFoundError
 
 PROP_MPP_X = openslide.PROPERTY_NAME_MPP_X
 PROP_MPP_Y = openslide.PROPERTY_NAME_MPP_Y
 PROP_OBJECTIVE = openslide.PROPERTY_NAME_OBJECTIVE_POWER
 PROP_VENDOR = openslide.PROPERTY_NAME_VENDOR
+PROP_BACKGROUND = openslide.PROPERTY_NAME_BACKGROUND_COLOR
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CHUNK_PX = 4096  # reads larger than this (per side, at the read level) are done in blocks
 MPP_HINT = "pass the pixel size with --mpp (microns per pixel at full resolution, e.g. 0.5 for 20x)"
+WHITE = (255, 255, 255)
+H = TypeVar("H")
+log = logging.getLogger(__name__)
 
 
-class Slide:
-    """A slide opened for reading. Coordinates are level-0 pixels; resolution is an mpp."""
+class Slide(abc.ABC):
+    """A slide opened for reading. Coordinates are level-0 pixels; resolution is an mpp.
+
+    A subclass opens its file in `_open` (setting `properties`, `level_dimensions`,
+    `level_downsamples` and `vendor`), reads pixels in `_read_level` and frees them in `close`.
+    """
+
+    backend: ClassVar[str] = ""
+    # cv2 colour code that turns `read_level0_raw` pixels into RGB; None when they are RGB
+    raw_conversion: ClassVar[int | None] = None
 
     def __init__(
         self, path: str | Path, mpp: float | None = None, fallback_mpp: float | None = None
     ) -> None:
         self.path = Path(path)
-        _check_file(self.path)
+        check_slide_file(self.path)
         for value in (mpp, fallback_mpp):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 msg = f"{self.path}: mpp (pixel size) must be a positive number, got {value}"
                 raise SlideError(msg)
-        self._osr: openslide.OpenSlide | None = None
-        self._image: np.ndarray | None = None
         self.properties: dict[str, str] = {}
-        fmt = _detect_openslide_format(self.path)
-        if fmt is not None:
-            try:
-                self._osr = openslide.OpenSlide(str(self.path))
-            except (openslide.OpenSlideError, OSError) as exc:
-                msg = f"{self.path}: OpenSlide cannot open this {fmt} file ({exc})"
-                raise SlideError(msg) from None
-            self.properties = dict(self._osr.properties)
-            self.level_dimensions = tuple(self._osr.level_dimensions)
-            self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
-            self.vendor = self.properties.get(PROP_VENDOR, fmt)
-        else:
-            self._image = _read_plain_image(self.path)
-            h, w = self._image.shape[:2]
-            self.level_dimensions = ((w, h),)
-            self.level_downsamples = (1.0,)
-            self.vendor = "image"
+        self.level_dimensions: tuple[tuple[int, int], ...] = ()
+        self.level_downsamples: tuple[float, ...] = ()
+        self.vendor = ""
+        self._open()
         self.dimensions: tuple[int, int] = tuple(self.level_dimensions[0])  # type: ignore[assignment]
         self._mpp = mpp if mpp is not None else (self._mpp_from_file() or fallback_mpp)
 
+    # -- what a backend provides ----------------------------------------------------------------
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Open the file; set properties, level_dimensions, level_downsamples and vendor."""
+
+    @abc.abstractmethod
+    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        """RGB uint8 of the level-0 region (x, y, w, h) at pyramid `level` (a new array)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the file and the pixels."""
+
+    def _opened(self, handle: H | None) -> H:
+        """`handle` (the backend's open file or pixels); a SlideError once the slide is closed."""
+        if handle is None:
+            raise SlideError(f"{self.path}: the slide is closed")
+        return handle
+
+    def read_level0_raw(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Level-0 pixels of (x, y, w, h) as the backend holds them (`raw_conversion` makes them
+        RGB), for the tile reader. The array may be reused by the next call: copy what you keep.
+        """
+        return self._read_level(x, y, w, h, 0)
+
     # -- metadata -------------------------------------------------------------------------------
+    @functools.cached_property
+    def background(self) -> tuple[int, int, int]:
+        """RGB that transparent and unscanned areas are shown as (`openslide.background-color`)."""
+        return background_color(self.properties)
+
     @property
     def level_count(self) -> int:
         return len(self.level_dimensions)
@@ -91,8 +132,6 @@ class Slide:
             xres = float(props.get("tiff.XResolution", 0))
         except ValueError:
             return None
-        if self._image is not None and self.path.suffix.lower() in {".tif", ".tiff"}:
-            unit, xres = _tiff_resolution(self.path)
         scale = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
         if scale and xres > 0:
             mpp = scale / xres
@@ -127,7 +166,7 @@ class Slide:
         if out_size is None:
             out_size = (max(1, round(w / downsample)), max(1, round(h / downsample)))
         out_w, out_h = out_size
-        level = self._best_level(min(w / out_w, h / out_h))
+        level = self.best_level(min(w / out_w, h / out_h))
         level_ds = self.level_downsamples[level]
         if w / level_ds > CHUNK_PX * 1.5 or h / level_ds > CHUNK_PX * 1.5:
             return self._read_in_blocks(x, y, w, h, out_w, out_h)
@@ -141,7 +180,7 @@ class Slide:
         width, height = self.dimensions
         return self.read(0, 0, width, height, mpp)
 
-    def _best_level(self, downsample: float) -> int:
+    def best_level(self, downsample: float) -> int:
         """Coarsest level whose downsample is still at most `downsample` (as fine as asked)."""
         best = 0
         for level, level_ds in enumerate(self.level_downsamples):
@@ -149,22 +188,15 @@ class Slide:
                 best = level
         return best
 
-    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+    def _level_size(self, w: int, h: int, level: int) -> tuple[int, int]:
+        """Size at `level` of a level-0 extent w x h."""
         level_ds = self.level_downsamples[level]
-        lw, lh = max(1, math.ceil(w / level_ds)), max(1, math.ceil(h / level_ds))
-        if self._image is not None:
-            return self._image[y : y + h, x : x + w]
-        assert self._osr is not None
-        try:
-            rgba = np.asarray(self._osr.read_region((x, y), level, (lw, lh)))
-        except (openslide.OpenSlideError, OSError) as exc:
-            raise SlideError(f"{self.path}: cannot read pixels at x={x} y={y} ({exc})") from None
-        return _composite_on_white(rgba)
+        return max(1, math.ceil(w / level_ds)), max(1, math.ceil(h / level_ds))
 
     def _read_in_blocks(self, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:
         out = np.empty((out_h, out_w, 3), np.uint8)
         sx, sy = w / out_w, h / out_h
-        level = self._best_level(min(sx, sy))
+        level = self.best_level(min(sx, sy))
         # output px per block, so that one block is at most CHUNK_PX px at the level read
         step = max(1, int(CHUNK_PX * self.level_downsamples[level] / max(sx, sy)))
         for oy in range(0, out_h, step):
@@ -180,12 +212,6 @@ class Slide:
         return out
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def close(self) -> None:
-        if self._osr is not None:
-            self._osr.close()
-            self._osr = None
-        self._image = None
-
     def __enter__(self) -> Slide:
         return self
 
@@ -199,81 +225,83 @@ class Slide:
 
     def __repr__(self) -> str:
         mpp = f"{self._mpp:.3f}" if self._mpp else "unknown"
-        return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={mpp})"
+        size = f"{self.dimensions[0]}x{self.dimensions[1]}"
+        return f"{type(self).__name__}({str(self.path)!r}, {size}, mpp={mpp})"
 
 
 def open_slide(
-    path: str | Path, mpp: float | None = None, fallback_mpp: float | None = None
+    path: str | Path,
+    mpp: float | None = None,
+    fallback_mpp: float | None = None,
+    fast_tiles: bool = False,
 ) -> Slide:
     """Open a whole-slide image or a plain image; `mpp` overrides the file's pixel size,
-    `fallback_mpp` is used only when the file records none."""
-    return Slide(path, mpp=mpp, fallback_mpp=fallback_mpp)
+    `fallback_mpp` is used only when the file records none.
+
+    With `fast_tiles` (for reading many tiles), an Aperio SVS or generic tiled TIFF gets the
+    direct tile decoder when it reads this file exactly as OpenSlide does, else OpenSlide with a
+    large tile cache. The choice, and the reason for any fallback, is logged.
+    """
+    from histocsc.wsi.backend_image import ImageSlide
+    from histocsc.wsi.backend_openslide import OpenSlideSlide
+    from histocsc.wsi.backend_tiff import TiffTileSlide
+
+    path = Path(path)
+    check_slide_file(path)
+    fmt = detect_format(path)
+    if fmt is None:
+        log.info("%s: image backend (not a format OpenSlide reads)", path)
+        return ImageSlide(path, mpp=mpp, fallback_mpp=fallback_mpp)
+    if fast_tiles and fmt in TiffTileSlide.FORMATS:
+        try:
+            slide: Slide = TiffTileSlide(path, mpp=mpp, fallback_mpp=fallback_mpp)
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any surprise in the fast path: OpenSlide reads it
+            log.info("%s: OpenSlide backend; direct TIFF tiles unusable (%s)", path, exc)
+        else:
+            log.info("%s: direct TIFF tile backend (%s)", path, fmt)
+            return slide
+    log.info("%s: OpenSlide backend (%s)", path, fmt)
+    return OpenSlideSlide(path, mpp=mpp, fallback_mpp=fallback_mpp, big_cache=fast_tiles)
 
 
-def _check_file(path: Path) -> None:
+def check_slide_file(path: Path) -> None:
+    """A SlideError (SlideNotFoundError when missing) unless `path` is a non-empty file."""
     if not path.exists():
-        raise SlideError(f"{path}: file not found")
+        raise SlideNotFoundError(f"{path}: file not found")
     if path.is_dir():
         raise SlideError(f"{path}: is a folder, not a slide file")
     if path.stat().st_size == 0:
         raise SlideError(f"{path}: the file is empty")
 
 
-def _detect_openslide_format(path: Path) -> str | None:
+def detect_format(path: Path) -> str | None:
+    """OpenSlide's name for the file's format (aperio, generic-tiff, ...), or None."""
     try:
-        fmt = openslide.OpenSlide.detect_format(str(path))
+        return openslide.OpenSlide.detect_format(str(path))
     except (openslide.OpenSlideError, OSError):
         return None
-    return fmt
 
 
-def _read_plain_image(path: Path) -> np.ndarray:
-    if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
-        raise SlideError(
-            f"{path}: not a slide format OpenSlide can read "
-            "(corrupt, truncated or unsupported file)"
-        )
+def background_color(properties: dict[str, str]) -> tuple[int, int, int]:
+    """The slide's `openslide.background-color` (hex RRGGBB) as RGB; white when absent."""
+    value = properties.get(PROP_BACKGROUND, "")
     try:
-        if path.suffix.lower() in {".tif", ".tiff"}:
-            import tifffile
-
-            arr = tifffile.imread(str(path))
-        else:
-            with Image.open(path) as img:
-                img.load()
-                has_alpha = img.mode in ("RGBA", "LA", "P")
-                arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
-        msg = f"{path}: cannot read the image ({exc.__class__.__name__}: {exc})"
-        raise SlideError(msg) from None
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise SlideError(f"{path}: expected an RGB image, got an array of shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise SlideError(f"{path}: expected 8-bit pixels, got {arr.dtype}")
-    return _composite_on_white(arr) if arr.shape[2] == 4 else np.ascontiguousarray(arr)
+        rgb = int(value, 16)
+    except ValueError:
+        return WHITE
+    if len(value) != 6:
+        return WHITE
+    return (rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255
 
 
-def _tiff_resolution(path: Path) -> tuple[str, float]:
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(str(path)) as tif:
-            tags = tif.pages[0].tags
-            unit = {2: "inch", 3: "centimeter"}.get(int(tags["ResolutionUnit"].value), "")
-            num, den = tags["XResolution"].value
-            return unit, num / den if den else 0.0
-    except Exception:  # noqa: BLE001 - missing tags mean no resolution
-        return "", 0.0
-
-
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA (not premultiplied) to RGB on a white background."""
+def composite(rgba: np.ndarray, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """RGBA (not premultiplied) to RGB over `background`."""
     alpha = rgba[..., 3]
-    rgb = rgba[..., :3]
     if alpha.min() == 255:
         return cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2RGB)  # fast 4->3 copy
     a = alpha[..., None].astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
+    bg = np.asarray(background, np.float32)
+    out = rgba[..., :3].astype(np.float32) * a + bg * (1.0 - a)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

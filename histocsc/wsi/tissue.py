@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from histocsc.config import StrictModel
+from histocsc.wsi.optical_density import optical_density
 
 InkColor = Literal["red", "green", "blue", "black"]
 
@@ -53,8 +54,7 @@ def stain_channel(rgb: np.ndarray, method: str) -> np.ndarray:
     rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
     if method == "saturation":
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)[..., 1].astype(np.float32) / 255.0
-    od = -np.log10((rgb.astype(np.float32) + 1.0) / 256.0)
-    return od.mean(axis=2)
+    return optical_density(rgb).mean(axis=2)
 
 
 def otsu(values: np.ndarray, bins: int = 256) -> float:

@@ -38,7 +38,13 @@ from histocsc.ihc.registration.images import (
 from histocsc.ihc.registration.overlay import overlay
 from histocsc.ihc.registration.qc import assess
 from histocsc.ihc.registration.refine import nonrigid, refine_affine
-from histocsc.ihc.registration.search import choose, hypotheses
+from histocsc.ihc.registration.search import (
+    AGREE_UM,
+    FEATURE_WEIGHT,
+    choose,
+    feature_support,
+    hypotheses,
+)
 from histocsc.ihc.transform import Mapping, Transform, invert_mapping
 from histocsc.wsi.slide import Slide, open_slide
 
@@ -112,7 +118,7 @@ def register_images(
     factor = max(1.0, min(cfg.coarse_mpp / work_mpp, long_side / MIN_COARSE_PX))
     matches = match_features(fixed, original, work_mpp, cfg.feature_mpp, cfg.mirror)
     cands = hypotheses(fixed, original, factor, matches, cfg)
-    best = choose(fixed, original, factor, cands, cfg, log)
+    best = choose(fixed, original, factor, cands, matches, work_mpp, cfg, log)
     moving = flipped(original) if best.mirrored else original
     # 2. affine refinement, never worse than identity
     warp = refine_affine(
@@ -121,7 +127,11 @@ def register_images(
     )  # fmt: skip
     score = pose_score(fixed.feature, moving.feature, warp)
     start = pose_score(fixed.feature, moving.feature, best.warp)
-    if start > score:
+    found, tol = matches.get(best.mirrored), AGREE_UM / work_mpp
+    gain = FEATURE_WEIGHT * (
+        feature_support(warp, found, 1.0, tol) - feature_support(best.warp, found, 1.0, tol)
+    )
+    if start > score + gain:
         log.append(f"the refinement lowered the score ({start:.3f} -> {score:.3f}): start kept")
         warp, score = best.warp, start
     identity = pose_score(fixed.feature, original.feature, IDENTITY)

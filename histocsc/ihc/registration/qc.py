@@ -12,7 +12,8 @@
 - Tissue overlap within the common frame.
 
 `poor` when there are too few clear blocks, their median shift exceeds `poor_error_um`, the
-tissue overlaps poorly, or many feature inliers disagree with the final transform.
+tissue overlaps poorly (unless many feature inliers confirm the pose), or many feature inliers
+disagree with the final transform.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ MIN_BLOCK_PX = 48  # ... and at least this many px, so a block holds some struct
 SEARCH_UM = 200.0  # largest shift searched per block
 MAX_BLOCKS = 400  # at most about this many block positions
 MIN_PEAK = 0.5  # a block's best match counts as clear from this NCC
-MIN_CLEAR_BLOCKS = 3  # poor: fewer clear blocks than this
+MIN_CLEAR_BLOCKS = 6  # poor: fewer clear blocks than this (unless features confirm the pose)
 MIN_CLEAR_FRACTION = 0.2  # poor: fewer than this fraction of the tried blocks are clear
 MIN_TISSUE_OVERLAP = 0.5  # poor: tissue masks overlap less than this in the common frame
 AGREE_UM = 60.0  # a feature match agrees with the transform within this
 STRONG_FEATURES = 12  # this many RANSAC inliers is strong evidence of a pose
 MIN_AGREE_FRACTION = 0.5  # poor: strong feature evidence, and fewer agree than this
+CONFIRM_FRACTION = 0.8  # strong feature evidence with this many agreeing confirms the pose
 
 
 def assess(
@@ -142,7 +144,10 @@ def feature_agreement(matches: Matches | None, maps, work_mpp: float) -> dict[st
 def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, list[str]]:
     """Whether the evidence says the registration is unreliable, and why."""
     why = []
-    if error["blocks"] < MIN_CLEAR_BLOCKS or error["blocks_clear_fraction"] < MIN_CLEAR_FRACTION:
+    n, agree = error["feature_inliers"], error["feature_agree"]
+    confirmed = n >= STRONG_FEATURES and agree >= CONFIRM_FRACTION * n
+    few = error["blocks"] < MIN_CLEAR_BLOCKS and not confirmed
+    if few or error["blocks_clear_fraction"] < MIN_CLEAR_FRACTION:
         why.append(
             f"few tissue blocks match clearly ({error['blocks']} of {error['blocks_tried']})"
         )
@@ -150,9 +155,9 @@ def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, 
         why.append(
             f"block residual {error['residual_um_median']} µm > {cfg.poor_error_um:g} µm"
         )
-    if error["tissue_overlap"] < MIN_TISSUE_OVERLAP:
+    if error["tissue_overlap"] < MIN_TISSUE_OVERLAP and not confirmed:
+        # masks of a pale IHC and its H&E can differ; many agreeing features outweigh that
         why.append(f"tissue overlaps poorly ({error['tissue_overlap']})")
-    n, agree = error["feature_inliers"], error["feature_agree"]
     if n >= STRONG_FEATURES and agree < MIN_AGREE_FRACTION * n:
         why.append(f"{n - agree} of {n} feature matches disagree with the transform")
     return bool(why), why

@@ -10,13 +10,13 @@ left-right flipped image, so every warp stays a proper rotation):
   against the fixed one, so crops that overlap only partly are found too.
 
 Each is refined by a short OpenCV ECC affine fit at the search resolution and scored by
-`pose_score` (NCC of the blurred channel where the frames overlap); the best wins. Identity
+`pose_score` (NCC of the blurred channel where the frames overlap), plus a bonus for agreeing
+with strong SIFT evidence (many RANSAC inliers); the best wins. Identity
 is always a candidate, so the chosen pose never scores worse than doing nothing.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cv2
@@ -35,6 +35,9 @@ from histocsc.ihc.registration.images import (
 
 TEMPLATE_PART = 0.5  # side of the moving centre part matched in the sweep (fraction)
 MIN_FEATURE_INLIERS = 8  # a feature hypothesis needs this many RANSAC inliers
+STRONG_FEATURES = 12  # from this many inliers, agreeing with the features adds to the score
+FEATURE_WEIGHT = 0.2  # score bonus of a pose that agrees with all strong feature inliers
+AGREE_UM = 60.0  # a feature match agrees with a pose within this
 
 
 @dataclass
@@ -135,15 +138,29 @@ def _apart(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
     return bool(np.abs(a @ pts - b @ pts).max() > tol)
 
 
+def feature_support(warp: np.ndarray, matches: Matches | None, factor: float, tol: float) -> float:
+    """Share of strong RANSAC feature inliers a coarse warp maps within `tol` coarse px (else 0)."""
+    if matches is None or matches.inliers < STRONG_FEATURES:
+        return 0.0
+    pf = (matches.fixed[matches.inlier] + 0.5) / factor - 0.5
+    pm = (matches.moving[matches.inlier] + 0.5) / factor - 0.5
+    mapped = pf @ np.asarray(warp, float)[:, :2].T + np.asarray(warp, float)[:, 2]
+    return float(np.mean(np.linalg.norm(mapped - pm, axis=1) <= tol))
+
+
 def choose(
     fixed: SectionImage,
     moving: SectionImage,
     factor: float,
     candidates: list[Candidate],
+    matches: dict[bool, Matches],
+    work_mpp: float,
     cfg: RegistrationConfig,
     log: list[str],
 ) -> Candidate:
-    """Each candidate after a short ECC fit, scored by `pose_score`; the best (work px warp)."""
+    """Each candidate after a short ECC fit, scored by `pose_score` (+ FEATURE_WEIGHT x the
+    share of strong feature matches it agrees with); the best (work px warp)."""
+    tol = max(1.0, AGREE_UM / (work_mpp * factor))
     fs = search_image(fixed, factor)
     searched = {False: search_image(moving, factor)}
     if cfg.mirror:
@@ -164,17 +181,15 @@ def choose(
                     warp, score = refined, s
         except cv2.error:
             pass
-        log.append(f"candidate {cand.name} mirror {cand.mirrored}: {start:.3f} -> {score:.3f}")
+        support = feature_support(warp, matches.get(cand.mirrored), factor, tol)
+        score += FEATURE_WEIGHT * support
+        log.append(
+            f"candidate {cand.name} mirror {cand.mirrored}: {start:.3f} -> {score:.3f} "
+            f"(features {support:.2f})"
+        )
         if best is None or score > best.score + 1e-6:
             best = Candidate(cand.name, warp, cand.mirrored, score)
     assert best is not None  # identity is always there
     log.append(f"initial: {best.name} mirror {best.mirrored} score {best.score:.3f}")
     return Candidate(best.name, rescale_warp(best.warp, factor, 1.0), best.mirrored, best.score)
 
-
-def similarity_warp(c_f: np.ndarray, c_m: np.ndarray, angle: float, scale: float) -> np.ndarray:
-    """2x3 warp fixed px -> moving px: x_m = c_m + s R (x_f - c_f)."""
-    c, s = math.cos(angle), math.sin(angle)
-    lin = scale * np.array([[c, -s], [s, c]])
-    t = c_m - lin @ c_f
-    return np.hstack([lin, t[:, None]]).astype(np.float32)
