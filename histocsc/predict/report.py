@@ -53,10 +53,11 @@ def encode(image: np.ndarray, fmt: str = "PNG") -> str:
 
 
 def cell_index(geometry: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, ...]:
-    """Row and column of the score-grid cell under each thumbnail pixel (-1 outside the grid),
-    with each cell centred on its tile, as the heatmap PNGs draw it."""
-    step, size = float(geometry["step_px"]), float(geometry["tile_size_px"])
-    off = (size - step) / 2
+    """Row and column of the score-grid cell under each thumbnail pixel (-1 outside the grid):
+    cell (r, c) covers its own square [c, c + 1) x [r, r + 1) * step_px (score_grid.json), as
+    the heatmap PNGs draw it (with overlap the grid is blended at the stride)."""
+    step = float(geometry["step_px"])
+    off = 0.0
     sy = geometry["slide_height"] / height
     sx = geometry["slide_width"] / width
     rows_n, cols_n = geometry["shape"][:2]
