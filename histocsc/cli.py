@@ -12,6 +12,17 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from histocsc import __version__
+from histocsc.cli_options import (
+    ForceOpt,
+    OverrideSlideMppOpt,
+    OverwriteOpt,
+    RecursiveOpt,
+    ShardOpt,
+    SlideMppOpt,
+    SlidesArg,
+    check_working_mpp,
+    force_or_overwrite,
+)
 from histocsc.errors import HistocscError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -70,7 +81,7 @@ PathArg = Annotated[Path, typer.Argument(help="A path.")]
 @app.command()
 @user_errors
 def tiles(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
+    slides: SlidesArg,
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
     mpp: Annotated[float | None, typer.Option(help="Tile resolution, µm/px [0.5].")] = None,
     tile_px: Annotated[int | None, typer.Option(help="Tile side in pixels [224].")] = None,
@@ -81,28 +92,26 @@ def tiles(
     config: Annotated[
         Path | None, typer.Option(help="YAML config (default: built-in, see configs/tiles.yaml).")
     ] = None,
-    slide_mpp: Annotated[
-        float | None,
-        typer.Option(help="Pixel size of the slides (µm/px) when the files do not record it."),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Redo slides that are already finished.")
-    ] = False,
+    slide_mpp: SlideMppOpt = None,
+    override_slide_mpp: OverrideSlideMppOpt = None,
+    force: ForceOpt = False,
+    recursive: RecursiveOpt = False,
 ) -> None:
     """Find tissue, lay a tile grid over it, write mask/thumbnail/grid (and tile pixels)."""
     from histocsc.config import load_config
     from histocsc.errors import SlideError
     from histocsc.progress import progress_bar
-    from histocsc.wsi.extract import find_slides, plan_tasks, tile_slides
+    from histocsc.wsi.discover import find_slides
+    from histocsc.wsi.extract import plan_tasks, tile_slides
     from histocsc.wsi.grid import TilesConfig
 
     cfg = load_config(TilesConfig, config, {"mpp": mpp, "tile_px": tile_px})
-    if slide_mpp is not None and not slide_mpp > 0:
-        raise typer.BadParameter(f"--slide-mpp must be positive, got {slide_mpp}")
-    tasks = plan_tasks(find_slides(slides), out, slide_mpp)
+    tasks = plan_tasks(find_slides(slides, recursive), out, slide_mpp, override_slide_mpp)
     results = tile_slides(tasks, cfg, save_images, workers, force, progress=progress_bar)
     failed = [r for r in results if r.error]
     for r in results:
+        for message in r.warnings:
+            typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
         if not r.error:
             state = "skipped (already done)" if r.skipped else f"{r.n_tiles} tiles"
             typer.echo(f"{r.path.name}: {state} -> {r.out_dir}")
@@ -123,7 +132,9 @@ def phantom(
     out: Annotated[Path, typer.Argument(help="Output folder (one sub-folder per case).")],
     cases: Annotated[int, typer.Option("--cases", help="Number of cases.")] = 5,
     size_px: Annotated[int, typer.Option("--size-px", help="Slide width = height, px.")] = 8192,
-    mpp: Annotated[float, typer.Option("--mpp", help="Microns per pixel at level 0.")] = 0.5,
+    slide_mpp: Annotated[
+        float, typer.Option("--slide-mpp", help="Pixel size the slides record, µm/px.")
+    ] = 0.5,
     markers: Annotated[str, typer.Option("--markers", help="Comma-separated IHC markers.")] = (
         "CD133,CD44"
     ),
@@ -139,7 +150,7 @@ def phantom(
     names = [m.strip() for m in markers.split(",") if m.strip()]
     total = cases * tiles_per_case(size_px, len(names))
     with progress_bar("phantom", total) as advance:
-        csv_path = make_cohort(out, cases, size_px, mpp, names, seed, advance, fill_frame)
+        csv_path = make_cohort(out, cases, size_px, slide_mpp, names, seed, advance, fill_frame)
     typer.echo(f"wrote {cases} case(s) and {csv_path}")
 
 
@@ -152,11 +163,13 @@ def register_command(
     fixed: Annotated[Path, typer.Argument(help="Fixed slide (the H&E).")],
     moving: Annotated[Path, typer.Argument(help="Moving slide (the IHC section).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for transform.json + overlay.png.")],
+    slide_mpp: SlideMppOpt = None,
+    override_slide_mpp: OverrideSlideMppOpt = None,
     mpp_fixed: Annotated[
-        float | None, typer.Option("--mpp-fixed", help="µm/px of the fixed slide (overrides).")
+        float | None, typer.Option("--mpp-fixed", hidden=True, help="Deprecated.")
     ] = None,
     mpp_moving: Annotated[
-        float | None, typer.Option("--mpp-moving", help="µm/px of the moving slide (overrides).")
+        float | None, typer.Option("--mpp-moving", hidden=True, help="Deprecated.")
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML (see configs/register.yaml).")
@@ -169,11 +182,21 @@ def register_command(
     from histocsc.config import load_config, parse_overrides
     from histocsc.errors import HistocscError
     from histocsc.ihc.registration import RegistrationConfig, register, save_failure
+    from histocsc.wsi.preflight import effective_slide_mpp
 
     cfg = load_config(RegistrationConfig, config, parse_overrides(set_ or []))
-    options = ("--mpp-fixed", "--mpp-moving")
     try:
-        result = register(fixed, moving, mpp_fixed, mpp_moving, cfg, mpp_options=options)
+        sizes = []
+        for path, old in ((fixed, mpp_fixed), (moving, mpp_moving)):
+            if old is not None:
+                typer.secho("warning: --mpp-fixed / --mpp-moving are deprecated; use --slide-mpp "
+                            "(or --override-slide-mpp)", fg=typer.colors.YELLOW, err=True)
+            size, note = effective_slide_mpp(path, slide_mpp, override_slide_mpp)
+            if note:
+                typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+            sizes.append(old if old is not None else size)
+        result = register(fixed, moving, sizes[0], sizes[1], cfg,
+                          mpp_options=("--slide-mpp", "--slide-mpp"))
     except HistocscError as exc:
         save_failure(out, exc)  # no stale transform or overlay of an earlier run
         raise
@@ -244,14 +267,16 @@ def label(
     register_config: ConfigOpt = None,
     markers: MarkersOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 1,
+    slide_mpp: SlideMppOpt = None,
 ) -> None:
     """Per-tile IHC labels (<M>_fraction, <M>_label) into OUT/<case>/labels.csv.
 
     Uses the tiles and registrations already in OUT/<case>/ and makes the missing ones.
     """
-    from histocsc.pipeline.prepare import run_and_report
+    from histocsc.pipeline.prepare_report import run_and_report
 
     cfgs = _stage_configs(tiles_config, register_config, config, markers)
+    cfgs.slide_mpp = slide_mpp
     run_and_report(cohort, out, cfgs, workers, reuse_existing=True, command="label")
 
 
@@ -265,12 +290,22 @@ def prepare(
     label_config: ConfigOpt = None,
     markers: MarkersOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel case processes.")] = 2,
+    slide_mpp: SlideMppOpt = None,
+    force: ForceOpt = False,
+    shard: ShardOpt = None,
 ) -> None:
-    """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary."""
-    from histocsc.pipeline.prepare import run_and_report
+    """Tiles, IHC registration and labels for every case (parallel, resumable), with a summary.
+
+    Slides that record no pixel size take it from the cohort's `mpp`, `he_mpp` or
+    `<MARKER>_mpp` column, else from --slide-mpp."""
+    from histocsc.pipeline.prepare_report import run_and_report
+    from histocsc.predict.engine import parse_shard
 
     cfgs = _stage_configs(tiles_config, register_config, label_config, markers)
-    run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare")
+    cfgs.slide_mpp = slide_mpp
+    part = parse_shard(shard) if shard is not None else None
+    run_and_report(cohort, out, cfgs, workers, reuse_existing=False, command="prepare",
+                   force=force, shard=part)
 
 
 # --- train command ---
@@ -291,15 +326,20 @@ def train_command(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Checkpoint to continue from (last.ckpt).")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the run already in --out.")
+    ] = False,
 ) -> None:
     """Train a tile classifier on a prepared cohort; writes checkpoints, metrics and run.json."""
     from histocsc.config import parse_overrides
-    from histocsc.learn.train import load_train_config, train
+    from histocsc.learn.guard import guard_run_dir
+    from histocsc.learn.train import default_run_dir, load_train_config, train
 
     values = parse_overrides(overrides or [])
     if data is not None:
         values["data.root"] = str(data)
     cfg = load_train_config(config, values)
+    guard_run_dir(out if out is not None else default_run_dir(cfg, resume), resume, force)
     result = train(cfg, run_dir=out, resume=resume)
     if result.global_rank != 0:  # one report per run, not one per process
         return
@@ -330,19 +370,35 @@ def export_command(
     triton_repo: Annotated[
         Path | None, typer.Option("--triton-repo", help="Also write a Triton model repository.")
     ] = None,
+    max_auroc_change: Annotated[
+        float, typer.Option(help="int8/fp16 gate on labelled tiles: largest AUROC change.")
+    ] = 0.01,
+    max_prob_diff: Annotated[
+        float, typer.Option(help="int8/fp16 gate without labels: largest probability change.")
+    ] = 0.05,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing model files.")] = False,
 ) -> None:
     """Export a trained model to ONNX (uint8 RGB tiles in, probabilities out), checking parity."""
     from histocsc.errors import ConfigError
     from histocsc.learn.export import PARITY_TOL, export_onnx
+    from histocsc.learn.guard import guard_model_files
     from histocsc.learn.model import load_trained
+    from histocsc.learn.variant_gate import GateLimits, labelled_run_tiles
 
     if int8 and calibration is None:
         raise ConfigError("--int8 needs --calibration DIR (tile images or a tiles.npy)")
+    variants = [out.with_name(f"{out.stem}.{v}.onnx") for v, on in (("int8", int8),
+                                                                     ("fp16", fp16)) if on]
     model, meta = load_trained(run)
+    guard_model_files([out, *variants], force)
+    labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
     result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
-                         check_tiles=check_tiles)
+                         check_tiles=check_tiles, labelled=labelled,
+                         limits=GateLimits(max_auroc_change, max_prob_diff))
     for note in result.notes:
         typer.echo(f"note: {note}")
+    for line in result.gates:
+        typer.echo(f"gate passed: {line}")
     typer.echo(f"wrote {result.fp32} (fp32, {result.exporter} exporter; max |ONNX - PyTorch| = "
                f"{result.max_abs_diff:.2e} <= {PARITY_TOL:g})")
     if result.int8:
@@ -361,7 +417,7 @@ def export_command(
 @app.command("infer")
 @user_errors
 def infer_command(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files and/or folders of slides.")],
+    slides: SlidesArg,
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder a slide).")],
     model: Annotated[
         Path | None,
@@ -376,13 +432,16 @@ def infer_command(
             "--workers", min=1, help="Slide-reading threads (default: cores/4 on CPU, all on GPU)."
         ),
     ] = None,
+    slide_mpp: SlideMppOpt = None,
+    override_slide_mpp: OverrideSlideMppOpt = None,
     mpp: Annotated[
-        float | None, typer.Option("--mpp", help="Slide pixel size (µm/px) when the file lacks it.")
+        float | None,
+        typer.Option("--mpp", help="Working resolution (µm/px); must be the model's, if given."),
     ] = None,
-    shard: Annotated[
-        str | None, typer.Option("--shard", help="I/N: process every N-th slide from the I-th.")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished slides.")] = False,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
+    recursive: RecursiveOpt = False,
     overlap: Annotated[
         float | None, typer.Option("--overlap", help="Tile overlap 0 <= F < 1 (e.g. 0.5): scores "
                                    "blended at the stride (finer heatmap, ~1/(1-F)^2 tiles).")
@@ -392,38 +451,35 @@ def infer_command(
     ] = None,
 ) -> None:
     """Heatmaps, scores and QuPath tiles of stem-like regions for each slide."""
-    from histocsc.predict.engine import (
-        Engine,
-        InferOptions,
-        collect_slides,
-        cpu_count,
-        parse_shard,
-        run_slides,
-    )
+    from histocsc.predict.engine import Engine, InferOptions, cpu_count, parse_shard, run_slides
     from histocsc.predict.engine import shard as take_shard
     from histocsc.progress import progress_bar
+    from histocsc.wsi.discover import find_slides
 
+    force = force_or_overwrite(force, overwrite)
     if model is None:
         from histocsc.models import NOTICE, builtin_model_path
 
         model = builtin_model_path()
         typer.secho(f"using the built-in model {model.name} ({NOTICE}); "
                     "give --model for your own", fg=typer.colors.YELLOW)
-    found = collect_slides(slides)
+    found = find_slides(slides, recursive)
     if shard is not None:
         index, count = parse_shard(shard)
         found = take_shard(found, index, count)
         typer.echo(f"shard {index}/{count}: {len(found)} slide(s)")
     engine = Engine(model, device=device)
     typer.echo(engine.describe())
+    check_working_mpp(mpp, engine.mpp, model)
     # on the CPU, readers compete with onnxruntime for cores: reading a tile costs ~1/10 of
     # computing it, so a quarter of the cores keep the queue full; a GPU needs them all
     default_workers = cpu_count() if engine.device == "cuda" else max(1, cpu_count() // 4)
     from histocsc.predict.blend import stride_px
 
-    options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=mpp,
+    options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=slide_mpp,
+                           override_slide_mpp=override_slide_mpp,
                            stride_px=stride_px(engine.tile_px, overlap, stride))
-    report = run_slides(engine, found, out, options, say=typer.echo, overwrite=overwrite,
+    report = run_slides(engine, found, out, options, say=typer.echo, force=force,
                         progress=lambda name, total: progress_bar(name, total))
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
                f"{len(report.failed)} failed")
@@ -437,6 +493,8 @@ def infer_command(
     for path, message in report.failed:
         where = "" if str(path) in message else f"{path}: "
         typer.secho(f"failed: {where}{message}", fg=typer.colors.RED, err=True)
+        if _state["debug"] and path in report.tracebacks:
+            typer.echo(report.tracebacks[path], err=True)
     if report.failed:
         raise typer.Exit(1)
 

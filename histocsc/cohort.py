@@ -1,15 +1,22 @@
-"""The cohort table: `case,he,<MARKER>...,split`, one row per case, paths relative to the CSV."""
+"""The cohort table: `case,he,<MARKER>...,split`, one row per case, paths relative to the CSV.
+
+Optional columns: `patient` (cases of one patient always share a split), and slide pixel sizes
+in µm/px used only when a slide file records none: `mpp` (every slide of the case), `he_mpp`,
+`<MARKER>_mpp`. Every other column is a marker whose cells name IHC slide files. A file saved
+by Excel as "CSV UTF-8" (with a byte-order mark) is read as well.
+"""
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from histocsc.errors import ConfigError, DataError, DataNotFoundError
 
-FIXED_COLUMNS = ("case", "he", "split")
+FIXED_COLUMNS = ("case", "he", "split", "patient", "mpp", "he_mpp")
 SPLITS = ("train", "val", "test", "")
+MPP_SUFFIX = "_mpp"
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,12 @@ class CohortCase:
     he: Path
     ihc: dict[str, Path | None]
     split: str
+    patient: str = ""
+    mpp: dict[str, float] = field(default_factory=dict)  # "he" / marker -> fallback µm/px
+
+    def slide_mpp(self, slide: str, default: float | None = None) -> float | None:
+        """The pixel size to use for `slide` ("he" or a marker) when its file records none."""
+        return self.mpp.get(slide, self.mpp.get("*", default))
 
     def problems(self, markers: list[str]) -> list[str]:
         """What stops this case from being prepared for `markers` (missing files), as messages."""
@@ -61,7 +74,7 @@ def read_cohort(path: str | Path) -> Cohort:
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"{path}: cohort file not found")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
@@ -72,7 +85,12 @@ def read_cohort(path: str | Path) -> Cohort:
             raise DataError(f"{path}: no {col!r} column in header {','.join(header)}")
     if len(set(header)) != len(header):
         raise DataError(f"{path}: repeated column in header {','.join(header)}")
-    markers = [h for h in header if h not in FIXED_COLUMNS]
+    markers = [h for h in header if h not in FIXED_COLUMNS and not h.endswith(MPP_SUFFIX)]
+    for col in header:
+        if col.endswith(MPP_SUFFIX) and col not in FIXED_COLUMNS:
+            if col[: -len(MPP_SUFFIX)] not in markers:
+                raise DataError(f"{path}: column {col!r} names the pixel size of marker "
+                                f"{col[: -len(MPP_SUFFIX)]!r}, which is not a column")
     if not markers:
         raise DataError(f"{path}: no marker column (expected e.g. case,he,CD133,CD44,split)")
     cases: list[CohortCase] = []
@@ -93,17 +111,53 @@ def read_cohort(path: str | Path) -> Cohort:
             raise DataError(f"{path}: line {line_no}: split {split!r} is not train, val or test")
         if not cells["he"]:
             raise DataError(f"{path}: line {line_no}: case {name} has no H&E path")
+        for m in markers:
+            _check_marker_cell(path, line_no, m, cells[m])
         cases.append(
             CohortCase(
                 case=name,
                 he=_resolve(path, cells["he"]),
                 ihc={m: _resolve(path, cells[m]) if cells[m] else None for m in markers},
                 split=split,
+                patient=cells.get("patient", ""),
+                mpp=_pixel_sizes(path, line_no, cells, markers),
             )
         )
     if not cases:
         raise DataError(f"{path}: cohort has a header but no cases")
     return Cohort(path=path, markers=markers, cases=cases)
+
+
+def _check_marker_cell(path: Path, line_no: int, column: str, value: str) -> None:
+    """A marker column holds IHC slide files (names with a file extension); anything else, e.g.
+    a number, means an undeclared column."""
+    suffix = Path(value).suffix[1:]
+    if value and not (suffix[:1].isalpha() and suffix.isalnum()):
+        raise DataError(
+            f"{path}: line {line_no}: column {column!r} holds {value!r}, not a slide file; a "
+            f"column other than {', '.join(FIXED_COLUMNS)} or <MARKER>{MPP_SUFFIX} is a marker "
+            "and must name its IHC slides (remove or rename the column)")
+
+
+def _pixel_sizes(
+    path: Path, line_no: int, cells: dict[str, str], markers: list[str]
+) -> dict[str, float]:
+    """The case's pixel-size cells: '*' (column mpp), 'he', and markers."""
+    named = {"*": "mpp", "he": "he_mpp", **{m: f"{m}{MPP_SUFFIX}" for m in markers}}
+    out: dict[str, float] = {}
+    for key, column in named.items():
+        text = cells.get(column, "")
+        if not text:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < 1000:
+            raise DataError(f"{path}: line {line_no}: {column} {text!r} is not a pixel size "
+                            "(a positive number of µm per pixel)")
+        out[key] = value
+    return out
 
 
 def _resolve(csv_path: Path, value: str) -> Path:

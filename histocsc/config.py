@@ -8,6 +8,7 @@ holds them equal); train-ci.yaml is the tiny preset of CI and the demo.
 
 from __future__ import annotations
 
+import copy
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,9 +30,11 @@ class StrictModel(BaseModel):
 def load_config(
     model_cls: type[M], path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> M:
-    """Read YAML at `path` (optional), apply `overrides` (dotted keys allowed), validate."""
+    """Read YAML at `path` (optional), apply `overrides` (dotted keys allowed), validate.
+
+    A bad value is reported with its real source: the file, the command line (`overrides`) or
+    the built-in defaults."""
     data: dict[str, Any] = {}
-    source = str(path) if path else "defaults"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -43,14 +46,14 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
         data = loaded or {}
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
+    from_file = copy.deepcopy(data)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in given.items():
         _set_dotted(data, key, value)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+        raise ConfigError(_describe(exc, path, from_file, set(given))) from exc
 
 
 def packaged_config(name: str) -> Path:
@@ -82,12 +85,35 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _describe(exc: ValidationError) -> str:
+def _in_file(data: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _source(key: str, path: str | Path | None, from_file: dict[str, Any], given: set[str]) -> str:
+    """Where the value of `key` came from: the command line, the file, or the defaults."""
+    if any(key == g or key.startswith(g + ".") for g in given):
+        return "the command line"
+    if path is not None and _in_file(from_file, key):
+        return str(path)
+    if not key:  # a rule over several keys: name every source that contributed
+        parts = [str(path)] * bool(path and from_file) + ["the command line"] * bool(given)
+        return " + ".join([*parts, "the built-in defaults"])
+    return "the built-in defaults"
+
+
+def _describe(
+    exc: ValidationError, path: str | Path | None, from_file: dict[str, Any], given: set[str]
+) -> str:
     problems = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"])
+        where = _source(key, path, from_file, given)
         if err["type"] == "extra_forbidden":
-            problems.append(f"unknown key {key!r}")
+            problems.append(f"{where}: unknown key {key!r}")
         else:
-            problems.append(f"key {key!r}: {err['msg']}")
+            problems.append(f"{where}: key {key or '(top level)'!r}: {err['msg']}")
     return "; ".join(problems)

@@ -17,7 +17,7 @@ from histocsc.learn.calibration import (
     choose_threshold,
     ece,
     fit_calibration,
-    fit_temperature,
+    fit_scaling,
 )
 from histocsc.learn.export import export_onnx, read_metadata
 from histocsc.learn.model import build_model
@@ -34,20 +34,21 @@ def overconfident(n: int, temperature: float, prior: float, seed: int = 0
 
 def test_temperature_is_recovered_and_ece_drops() -> None:
     logits, target = overconfident(20000, temperature=3.0, prior=0.3)
-    t = fit_temperature(logits, target)
-    assert t == pytest.approx(3.0, rel=0.08)
+    t, shift = fit_scaling(logits, target)
+    assert t == pytest.approx(3.0, rel=0.08) and abs(shift) < 0.3
     before = ece(torch.sigmoid(logits), target)
     after = ece(torch.sigmoid(logits / t), target)
     assert before > 0.05 and after < 0.02
-    assert fit_temperature(logits, torch.zeros_like(target)) == 1.0  # one class: left alone
+    assert fit_scaling(logits, torch.zeros_like(target)) == (1.0, 0.0)  # one class: left alone
 
 
-def test_class_weighting_shift_is_undone() -> None:
-    # a model trained with pos_weight w reports logit + log(w); the shift removes it
+def test_a_shift_of_the_logits_is_fitted_and_removed() -> None:
+    # e.g. a model trained with pos_weight w reports logit + log(w)
     logits, target = overconfident(20000, temperature=1.0, prior=0.1, seed=1)
     w = 9.0
-    cal = fit_calibration(["M"], (logits + math.log(w))[:, None], target[:, None], [w])["M"]
-    assert cal.shift == pytest.approx(math.log(w)) and cal.temperature == pytest.approx(1, rel=0.1)
+    cal = fit_calibration(["M"], (logits + math.log(w))[:, None], target[:, None])["M"]
+    assert cal.shift == pytest.approx(math.log(w), rel=0.1)
+    assert cal.temperature == pytest.approx(1, rel=0.1)
     report = calibration_report({"M": cal}, (logits + math.log(w))[:, None], target[:, None])
     assert report["M"]["ece"] < 0.02 < report["M"]["ece_uncalibrated"]
 
@@ -69,8 +70,8 @@ def test_threshold_rule_falls_back_with_few_positives() -> None:
 def test_separable_validation_keeps_a_finite_temperature() -> None:
     logits = torch.cat([torch.linspace(2, 8, 100), torch.linspace(-8, -1, 400)])
     target = torch.cat([torch.ones(100), torch.zeros(400)]).to(torch.int8)
-    t = fit_temperature(logits, target)
-    assert 0.1 < t < 1.0  # sharper, but held by the prior on log T
+    t, shift = fit_scaling(logits, target)
+    assert 0.1 < t < 1.0 and abs(shift) < 5  # sharper, but held by the priors
 
 
 def test_exported_graph_applies_the_calibration(tmp_path: Path) -> None:

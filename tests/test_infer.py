@@ -19,7 +19,8 @@ from histocsc.cli import app
 from histocsc.errors import ConfigError
 from histocsc.learn.export import export_onnx
 from histocsc.learn.model import build_model
-from histocsc.predict.engine import Engine, choose_providers, collect_slides, shard
+from histocsc.predict.engine import Engine, choose_providers, shard
+from histocsc.wsi.discover import find_slides
 from histocsc.wsi.pyramid import write_pyramid_tiff_from_array
 from histocsc.wsi.slide import open_slide
 
@@ -183,7 +184,7 @@ def test_shards_split_deterministically_and_cover_all(workspace: dict[str, Path]
         assert code == 0, output
         done.append({p.parent.name for p in out.glob("*/summary.json")})
     assert done[0] and done[0] < done[1]
-    assert done[1] == {p.stem for p in collect_slides([workspace["slides"]])}
+    assert done[1] == {p.stem for p in find_slides([workspace["slides"]])}
     code, output = infer([str(workspace["slides"]), "--model", str(workspace["model"]),
                           "--out", str(out), "--shard", "2/2"])
     assert code == 1 and "0 <= I < N" in output
@@ -307,15 +308,15 @@ def test_thresholded_heatmap_matches_truth_masks(tmp_path: Path) -> None:
     assert 2 * (wrong & positive).sum() / (wrong.sum() + positive.sum()) < 0.7
 
 
-def test_slide_without_pixel_size_needs_mpp(workspace: dict[str, Path], real_data: Path,
+def test_slide_without_pixel_size_needs_slide_mpp(workspace: dict[str, Path], real_data: Path,
                                             tmp_path: Path) -> None:
-    """The real TCGA slide records no pixel size: a clear error, then --mpp makes it work."""
+    """The real TCGA slide records no pixel size: a clear error, then --slide-mpp makes it work."""
     slide = real_data / "svs" / "tcga-cr-7395-01a-01-ts1.svs"
     code, output = infer([str(slide), "--model", str(workspace["model"]), "--out",
                           str(tmp_path)])
-    assert code == 1 and "--mpp" in output and "tcga-cr-7395" in output
+    assert code == 1 and "--slide-mpp" in output and "tcga-cr-7395" in output
     code, output = infer([str(slide), "--model", str(workspace["model"]), "--out",
-                          str(tmp_path), "--mpp", "0.5"])
+                          str(tmp_path), "--slide-mpp", "0.5"])
     assert code == 0, output
     summary = json.loads((tmp_path / slide.stem / "summary.json").read_text())
     assert summary["slide"]["mpp"] == 0.5 and summary["tiles"] > 0

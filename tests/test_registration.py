@@ -57,7 +57,7 @@ def rat_kidney(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("rat") / "reg"
     result = run_cli(
         "register", str(folder / PAIR[0]), str(folder / PAIR[1]), "--out", str(out),
-        "--mpp-fixed", "10", "--mpp-moving", "10",
+        "--slide-mpp", "10",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out
@@ -214,7 +214,7 @@ def test_unrelated_pair_on_the_command_line(real_data: Path, tmp_path: Path) -> 
     fixed = real_data / "registration" / PAIR[0]
     result = run_cli(
         "register", str(fixed), str(moving), "--out", str(tmp_path / "out"),
-        "--mpp-fixed", "10", "--mpp-moving", "10",
+        "--slide-mpp", "10",
     )  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -313,13 +313,15 @@ def label_slide(
     ihc_path: str | Path,
     he_to_ihc: PointMap,
     cfg: LabelConfig,
+    ihc_mpp: float | None = None,
 ) -> MarkerLabels:
-    """Label every H&E tile from one IHC slide, reading the IHC under the tiles once."""
+    """Label every H&E tile from one IHC slide, reading the IHC under the tiles once
+    (`ihc_mpp`: its pixel size when the file records none)."""
     from histocsc.wsi.slide import open_slide
 
     if not len(tiles_xywh):
         return MarkerLabels(np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
-    with open_slide(ihc_path) as slide:
+    with open_slide(ihc_path, fallback_mpp=ihc_mpp) as slide:
         margin = 4 * cfg.label_mpp / slide.mpp
         region = footprint_region(tiles_xywh, he_to_ihc, slide.dimensions, margin)
         if region is None:

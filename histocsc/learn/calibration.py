@@ -1,16 +1,15 @@
 """Probabilities that mean what they say: per-marker calibration fitted on the validation split,
 the decision threshold rule, and expected calibration error (ECE).
 
-Calibrated probability of marker j: ``sigmoid((logit_j - shift_j) / T_j)``.
-
-- ``shift_j = log(pos_weight_j)`` undoes the class weighting of the training loss (a BCE with
-  positive weight w is minimised by logit(p) + log w, so the raw sigmoid over-states positives).
-  It is known from training, not fitted.
-- ``T_j`` (temperature) is fitted on the labelled validation tiles by minimising the negative
-  log-likelihood with torch's LBFGS over log T, with a standard normal prior on log T (a MAP
-  fit: when validation separates the classes perfectly the likelihood alone drives T to 0).
-  T = 1 when the validation split lacks positives or negatives. Temperature does not change
-  the ranking (AUROC, AP).
+Calibrated probability of marker j: ``sigmoid((logit_j - shift_j) / T_j)``: Platt scaling
+written as a temperature and a shift, both fitted on the labelled validation tiles by minimising
+the negative log-likelihood with torch's LBFGS, with weak priors (log T ~ N(0, 1), shift ~ N(0,
+5^2) logits) so that perfectly separated or tiny validation sets give finite values (MAP fit).
+A temperature alone is not enough: the class-weighted loss and a short training leave the logits
+of held-out cases shifted (on phantom seed 4 the Platt fit moved the logits up by 2.5 / 3.5; undoing
+the loss weighting by log(pos_weight) instead moved them the wrong way and made the test ECE
+worse). T = 1 and shift = 0 (the raw model) when validation lacks positives or negatives.
+Neither changes the ranking (AUROC, AP).
 
 The exported ONNX graph applies both (histocsc.learn.export.TileModel) and records them in its
 metadata (``calibration``), so every client of the graph gets calibrated probabilities.
@@ -39,6 +38,7 @@ THRESHOLD_RANGE = (0.2, 0.8)
 DEFAULT_THRESHOLD = 0.5
 ECE_BINS = 15
 T_RANGE = (0.05, 20.0)
+SHIFT_PRIOR_SD = 5.0
 
 
 @dataclass
@@ -69,26 +69,30 @@ def collect_logits(module: Any, loader: Any) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(logits), torch.cat(targets)
 
 
-def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """T minimising the BCE of sigmoid(logits / T) plus a N(0, 1) prior on log T (LBFGS over
-    log T); 1.0 without both classes."""
+def fit_scaling(logits: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(T, shift) minimising the BCE of sigmoid((logits - shift) / T) plus the priors of this
+    module's docstring (LBFGS over log T and shift); (1.0, 0.0) without both classes."""
     target = target.float()
     if logits.numel() == 0 or target.min() == target.max():
-        return 1.0
+        return 1.0, 0.0
     log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    shift = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, shift], lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
         nll = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits / log_t.exp(), target, reduction="sum")
-        loss = (nll + 0.5 * log_t.square().sum()) / len(target)
+            (logits - shift) / log_t.exp(), target, reduction="sum")
+        prior = 0.5 * log_t.square().sum() + 0.5 * (shift / SHIFT_PRIOR_SD).square().sum()
+        loss = (nll + prior) / len(target)
         loss.backward()
         return loss
 
     opt.step(closure)
-    t = float(log_t.detach().exp())
-    return min(max(t, T_RANGE[0]), T_RANGE[1]) if math.isfinite(t) else 1.0
+    t, b = float(log_t.detach().exp()), float(shift.detach())
+    if not (math.isfinite(t) and math.isfinite(b)):
+        return 1.0, 0.0
+    return min(max(t, T_RANGE[0]), T_RANGE[1]), b
 
 
 def choose_threshold(probs: torch.Tensor, target: torch.Tensor) -> tuple[float, str]:
@@ -116,16 +120,15 @@ def ece(probs: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def fit_calibration(
-    markers: list[str], logits: torch.Tensor, target: torch.Tensor, pos_weight: list[float],
+    markers: list[str], logits: torch.Tensor, target: torch.Tensor,
 ) -> dict[str, MarkerCalibration]:
-    """Per marker: shift from the training pos_weight, temperature and threshold from the
-    labelled validation tiles (target -1 ignored)."""
+    """Per marker: temperature, shift and threshold from the labelled validation tiles (target
+    -1 ignored)."""
     out = {}
     for j, marker in enumerate(markers):
         keep = target[:, j] >= 0
-        shift = math.log(pos_weight[j]) if pos_weight[j] > 0 else 0.0
-        z, t = logits[keep, j] - shift, target[keep, j]
-        temperature = fit_temperature(z, t)
+        z, t = logits[keep, j], target[keep, j]
+        temperature, shift = fit_scaling(z, t)
         cal = MarkerCalibration(temperature=temperature, shift=shift, threshold=0.5, rule="")
         cal.threshold, cal.rule = choose_threshold(cal.apply(logits[keep, j]), t)
         out[marker] = cal
@@ -163,9 +166,8 @@ def calibrate_run(module: Any, data: Any, best: Any) -> tuple[dict[str, MarkerCa
     split of `data` (a TileDataModule) and measure ECE before/after on its test split."""
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    pos_weight = [float(v) for v in (module.hparams.pos_weight or [1.0] * len(data.markers))]
     logits, target = collect_logits(module, data.val_dataloader())
-    calibration = fit_calibration(list(data.markers), logits, target, pos_weight)
+    calibration = fit_calibration(list(data.markers), logits, target)
     report: dict[str, dict[str, Any]] = {}
     if data.cases["test"]:
         logits, target = collect_logits(module, data.test_dataloader())

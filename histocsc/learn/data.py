@@ -25,6 +25,7 @@ from histocsc.cohort import read_cohort
 from histocsc.config import StrictModel
 from histocsc.errors import ConfigError, DataError, DataNotFoundError, LabelError
 from histocsc.learn.augment import AugmentConfig, build_augment
+from histocsc.learn.splits import assign_splits
 
 SPLITS = ("train", "val", "test")
 
@@ -166,45 +167,6 @@ def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> C
     )
 
 
-def assign_splits(
-    cases: list[str], given: dict[str, str], pos_rate: dict[str, float], cfg: DataConfig, seed: int
-) -> dict[str, str]:
-    """Keep the cohort's splits; give the other cases a seeded, label-stratified split:
-    cases are ordered by positive rate and val/test picks are spread evenly along that order."""
-    split = {c: given[c] for c in cases if given.get(c)}
-    free = [c for c in cases if c not in split]
-    if not free:
-        return split
-    rng = np.random.default_rng(seed)
-    order = [free[i] for i in rng.permutation(len(free))]
-    order.sort(key=lambda c: pos_rate.get(c, 0.0))
-    n = len(order)
-    n_val = int(round(n * cfg.val_fraction)) if n >= 3 else 0
-    n_test = int(round(n * cfg.test_fraction)) if n >= 3 else 0
-    n_val = max(n_val, 1 if cfg.val_fraction > 0 and n >= 3 else 0)
-    n_test = max(n_test, 1 if cfg.test_fraction > 0 and n >= 3 else 0)
-    while n_val + n_test >= n and (n_val or n_test):
-        if n_test >= n_val and n_test:
-            n_test -= 1
-        else:
-            n_val -= 1
-    picks = ["val"] * n_val + ["test"] * n_test
-    held = n_val + n_test
-    slots: list[int] = []
-    if held:
-        offset = rng.uniform(0, n / held)
-        slots = sorted({min(n - 1, int(offset + k * n / held)) for k in range(held)})
-        spare = [i for i in range(n) if i not in slots]
-        while len(slots) < held:  # collisions after rounding
-            slots.append(spare.pop(int(rng.integers(len(spare)))))
-    rng.shuffle(picks)
-    for i, c in enumerate(order):
-        split[c] = "train"
-        if i in slots:
-            split[c] = picks[slots.index(i)]
-    return split
-
-
 class TileDataset(Dataset):
     """Tiles of several cases; items are (uint8 H x W x 3 tile, float labels with -1 ignored)."""
 
@@ -340,7 +302,8 @@ class TileDataModule(L.LightningDataModule):
             for c, t in loaded.items()
         }
         given = {c.case: c.split for c in cohort.cases}
-        split = assign_splits(list(loaded), given, pos_rate, self.cfg, self.seed)
+        patients = {c.case: c.patient for c in cohort.cases}
+        split = assign_splits(list(loaded), given, pos_rate, self.cfg, self.seed, patients)
         for c, t in loaded.items():
             self.cases[split[c]].append(t)
         if not self.cases["train"]:

@@ -22,6 +22,7 @@ from torch import nn
 from histocsc.errors import DataError, ModelError
 from histocsc.io import atomic_path
 from histocsc.learn.metadata import model_metadata, read_metadata  # noqa: F401 (re-exported)
+from histocsc.learn.variant_gate import GateLimits, check_variant, unseen
 
 PARITY_TOL = 1e-4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -71,6 +72,7 @@ class ExportResult:
     fp16_max_abs_diff: float | None = None
     exporter: str = "dynamo"
     notes: list[str] = field(default_factory=list)
+    gates: list[str] = field(default_factory=list)  # how each variant passed its gate
 
 
 def load_tiles(source: str | Path | np.ndarray, tile_px: int, limit: int = 256) -> np.ndarray:
@@ -166,13 +168,18 @@ def export_onnx(
     calibration: str | Path | np.ndarray | None = None,
     fp16: bool = False,
     check_tiles: str | Path | np.ndarray | None = None,
+    limits: GateLimits | None = None,
+    labelled: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ExportResult:
     """Export `model` (float NCHW normalised input, logits out) as a uint8-in ONNX graph.
 
     Writes fp32 to `out`; with `int8`, also `<stem>.int8.onnx` (static QDQ quantization
     calibrated on `calibration` tiles); with `fp16`, also `<stem>.fp16.onnx`. Raises ModelError if
     the fp32 graph differs from PyTorch by more than 1e-4 on `check_tiles` (default: the
-    calibration tiles, else a fixed synthetic batch).
+    calibration tiles, else a fixed synthetic batch). Each variant must pass the gate of
+    `histocsc.learn.variant_gate` (`limits`) on tiles not used for calibration: `labelled`
+    (tiles, labels) when given, else `check_tiles`, else the half of the calibration tiles
+    held back from calibrating; a failing variant is not written (ModelError).
     """
     out = Path(out)
     props = model_metadata(meta)
@@ -200,16 +207,37 @@ def export_onnx(
         out.unlink(missing_ok=True)
         raise ModelError(f"{out}: ONNX fp32 differs from PyTorch by {result.max_abs_diff:.2e} "
                          f"(> {PARITY_TOL:g}) on {len(tiles)} check tiles; export removed")
+    if int8 and calibration is None:
+        raise DataError("int8 export needs calibration tiles (a folder of images or tiles.npy)")
+    if not (int8 or fp16):
+        return result
+    if calib is not None and check_tiles is None:  # hold half back from calibration
+        calib, held = calib[0::2], calib[1::2]
+    else:
+        held = tiles
+    gate_tiles, gate_labels = labelled if labelled is not None else (held, None)
+    fresh = unseen(gate_tiles, calib if int8 else None)
+    gate_tiles = gate_tiles[fresh]
+    gate_labels = gate_labels[fresh] if gate_labels is not None else None
+    if not len(gate_tiles):
+        gate_tiles, gate_labels = synthetic_check_tiles(tile_px, 16, seed=1), None
+    reference = _run(out, gate_tiles)
+    markers = list(json.loads(props["markers"]))
+    gate = limits or GateLimits()
     if int8:
-        if calibration is None:
-            raise DataError("int8 export needs calibration tiles (a folder of images or tiles.npy)")
         result.int8 = out.with_name(out.stem + ".int8.onnx")
         quantize_int8(out, result.int8, calib)
+        result.gates.append(check_variant(result.int8, "int8", reference,
+                                          _run(result.int8, gate_tiles), gate_labels, markers,
+                                          gate))
         result.int8_max_abs_diff = _max_diff(result.int8, tiles, expected)
     if fp16:
         result.fp16 = out.with_name(out.stem + ".fp16.onnx")
         convert_fp16(out, result.fp16)
         result.fp16_max_abs_diff = _max_diff(result.fp16, tiles, expected)
+        result.gates.append(check_variant(result.fp16, "fp16", reference,
+                                          _run(result.fp16, gate_tiles), gate_labels, markers,
+                                          gate))
     return result
 
 
@@ -262,15 +290,19 @@ def _set_props(proto: Any, props: dict[str, str]) -> None:
     onnx.helper.set_model_props(proto, old)
 
 
-def _max_diff(path: Path, tiles: np.ndarray, expected: np.ndarray) -> float:
+def _run(path: Path, tiles: np.ndarray) -> np.ndarray:
+    """The graph's outputs on `tiles`, on the CPU, 8 tiles a batch."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = np.concatenate([sess.run(None, {"tiles": tiles[i:i + 8]})[0]
-                          for i in range(0, len(tiles), 8)])
-    return float(np.max(np.abs(got.astype(np.float64) - expected)))
+    return np.concatenate([sess.run(None, {"tiles": tiles[i:i + 8]})[0]
+                           for i in range(0, len(tiles), 8)])
+
+
+def _max_diff(path: Path, tiles: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.max(np.abs(_run(path, tiles).astype(np.float64) - expected)))
 
 
 class _Calibration:

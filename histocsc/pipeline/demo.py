@@ -32,7 +32,8 @@ def run_demo(
     from histocsc.learn.export import export_onnx
     from histocsc.learn.model import load_trained
     from histocsc.learn.train import load_train_config, train
-    from histocsc.pipeline.prepare import StageConfigs, run_and_report
+    from histocsc.pipeline.prepare import StageConfigs
+    from histocsc.pipeline.prepare_report import run_and_report
     from histocsc.predict.blend import stride_px
     from histocsc.predict.engine import Engine, InferOptions, cpu_count, run_slides
     from histocsc.progress import progress_bar
@@ -86,7 +87,7 @@ def run_demo(
     say(engine.describe())
     options = InferOptions(batch=64, workers=cpu_count(), slide_mpp=None,
                            stride_px=stride_px(engine.tile_px, DEMO_OVERLAP))
-    report = run_slides(engine, slides, out / "infer", options, say=say, overwrite=True,
+    report = run_slides(engine, slides, out / "infer", options, say=say, force=True,
                         progress=lambda name, total: progress_bar(name, total))
     lap("infer")
     if report.failed:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import multiprocessing
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from histocsc.errors import DataError, HistocscError, LabelError, RegistrationEr
 from histocsc.ihc.labels import LabelConfig, MarkerLabels, label_slide, write_label_map
 from histocsc.ihc.registration import RegistrationConfig
 from histocsc.io import atomic_path, file_checksum, read_json, write_json
+from histocsc.workers import process_pool
 from histocsc.wsi.extract import TILES_NPY
 from histocsc.wsi.grid import COLUMNS, GRID_CSV, GRID_JSON, TileGrid, TilesConfig
 
@@ -50,6 +50,7 @@ class StageConfigs:
     tiles: TilesConfig = field(default_factory=TilesConfig)
     register: RegistrationConfig = field(default_factory=RegistrationConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    slide_mpp: float | None = None  # pixel size of slides that record none (--slide-mpp)
 
     def dump(self, name: str) -> Any:
         return getattr(self, name).model_dump(mode="json")
@@ -99,22 +100,31 @@ def _cell(value: Any) -> str:
 # -- the adapters onto the tiles and registration stages ---------------------------------------
 
 
-def make_tiles(he: Path, case_dir: Path, tiles_cfg: TilesConfig) -> None:
+def make_tiles(
+    he: Path, case_dir: Path, tiles_cfg: TilesConfig, he_mpp: float | None = None,
+    force: bool = False,
+) -> None:
     """Tile grid + tile store of the H&E into `case_dir` (grid.csv, grid.json, tiles.npy)."""
     from histocsc.wsi.extract import SlideTask, tile_slides
 
-    task = SlideTask(path=he, out_dir=case_dir)
-    (result,) = tile_slides([task], tiles_cfg, save_images=True, workers=1)
+    task = SlideTask(path=he, out_dir=case_dir, slide_mpp=he_mpp)
+    (result,) = tile_slides([task], tiles_cfg, save_images=True, workers=1, force=force)
     if result.error:
         raise DataError(f"{he}: tiling failed: {result.error}")
 
 
-def register_marker(he: Path, ihc: Path, out_dir: Path, register_cfg: RegistrationConfig) -> None:
-    """Register one IHC (moving) onto the H&E (fixed): writes out_dir/transform.json."""
+def register_marker(
+    he: Path, ihc: Path, out_dir: Path, register_cfg: RegistrationConfig,
+    he_mpp: float | None = None, ihc_mpp: float | None = None,
+) -> None:
+    """Register one IHC (moving) onto the H&E (fixed): writes out_dir/transform.json.
+    `he_mpp` / `ihc_mpp` are used only for a slide that records no pixel size."""
     from histocsc.ihc.registration import register, save_failure
+    from histocsc.wsi.preflight import effective_slide_mpp
 
     try:
-        result = register(he, ihc, cfg=register_cfg)
+        fixed, moving = effective_slide_mpp(he, he_mpp)[0], effective_slide_mpp(ihc, ihc_mpp)[0]
+        result = register(he, ihc, fixed, moving, cfg=register_cfg)
     except HistocscError as exc:
         save_failure(out_dir, exc)  # overlay of what was tried, never a stale one
         raise
@@ -133,7 +143,8 @@ def load_transform(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def prepare_case(
-    case: CohortCase, markers: list[str], out: Path, cfgs: StageConfigs, reuse_existing: bool
+    case: CohortCase, markers: list[str], out: Path, cfgs: StageConfigs, reuse_existing: bool,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Tiles, registration per marker, labels and QC for one case; returns its summary.
 
@@ -147,18 +158,21 @@ def prepare_case(
         raise DataError("; ".join(problems))
     case_dir = out / case.case
     case_dir.mkdir(parents=True, exist_ok=True)
-    state = _load_state(case_dir)
+    state = {} if force else _load_state(case_dir)
+    he_mpp = case.slide_mpp("he", cfgs.slide_mpp)
+    ihc_mpp = {m: case.slide_mpp(m, cfgs.slide_mpp) for m in markers}
     he_sum = file_checksum(case.he)
     ihc_paths = {m: p for m in markers if (p := case.ihc[m]) is not None}
     ihc_sums = {m: file_checksum(p) for m, p in ihc_paths.items()}
 
-    tiles_key = _digest("tiles", cfgs.dump("tiles"), he_sum)
+    tiles_key = _digest("tiles", cfgs.dump("tiles"), he_sum, he_mpp)
     register_keys = {
-        m: _digest("register", cfgs.dump("register"), he_sum, ihc_sums[m]) for m in markers
+        m: _digest("register", cfgs.dump("register"), he_sum, ihc_sums[m], he_mpp, ihc_mpp[m])
+        for m in markers
     }
     case_key = _digest("labels", cfgs.dump("label"), tiles_key, register_keys)
     qc_path = case_dir / QC_FILE
-    if qc_path.is_file() and not reuse_existing:
+    if qc_path.is_file() and not reuse_existing and not force:
         old = read_json(qc_path)
         finished = old.get("status") in ("ok", "flagged") and (case_dir / LABELS_CSV).is_file()
         if old.get("params") == case_key and finished:
@@ -166,9 +180,10 @@ def prepare_case(
 
     grid_files = [case_dir / n for n in (GRID_CSV, GRID_JSON, TILES_NPY)]
     if not (reuse_existing and all(p.is_file() for p in grid_files)):
-        make_tiles(case.he, case_dir, cfgs.tiles)  # skips a finished grid with the same params
+        # skips a finished grid with the same params
+        make_tiles(case.he, case_dir, cfgs.tiles, he_mpp, force)
     grid = TileGrid.load(case_dir)
-    he_size, he_mpp = (grid.slide_width, grid.slide_height), grid.slide_mpp
+    he_size = (grid.slide_width, grid.slide_height)
     xywh = grid.boxes
 
     marker_qc: dict[str, dict[str, Any]] = {}
@@ -185,7 +200,8 @@ def prepare_case(
                 and (reuse_existing or state.get(step) == register_keys[marker])
             ):
                 transform_path.unlink(missing_ok=True)  # never label from a stale transform
-                register_marker(case.he, ihc_paths[marker], reg_dir, cfgs.register)
+                register_marker(case.he, ihc_paths[marker], reg_dir, cfgs.register, he_mpp,
+                                ihc_mpp[marker])
                 _record(case_dir, state, step, register_keys[marker])
             he_to_ihc, error = load_transform(transform_path)
             qc["registration_error_um"] = error.get("residual_um_median")
@@ -198,7 +214,8 @@ def prepare_case(
             if problem:
                 qc["error"] = f"{transform_path}: {problem}"
             marker_cfg = label_cfg.for_marker(marker)
-            result = label_slide(xywh, he_mpp, ihc_paths[marker], he_to_ihc, marker_cfg)
+            result = label_slide(xywh, grid.slide_mpp, ihc_paths[marker], he_to_ihc, marker_cfg,
+                                 ihc_mpp[marker])
         except (RegistrationError, LabelError) as exc:
             qc["registration_ok"] = False
             qc["error"] = str(exc)
@@ -211,7 +228,7 @@ def prepare_case(
         marker_qc[marker] = qc
 
     write_labels_csv(case_dir / LABELS_CSV, {c: grid.table[c] for c in COLUMNS}, results)
-    _write_label_maps(case.he, case_dir, xywh, he_size, results, label_cfg)
+    _write_label_maps(case.he, case_dir, xywh, he_size, results, label_cfg, he_mpp)
     ok = all(q["registration_ok"] for q in marker_qc.values())
     summary = {
         "case": case.case,
@@ -275,10 +292,11 @@ def _write_label_maps(
     he_size: tuple[int, int],
     results: dict[str, MarkerLabels],
     cfg: LabelConfig,
+    he_mpp: float | None = None,
 ) -> None:
     from histocsc.wsi.slide import open_slide
 
-    with open_slide(he) as slide:
+    with open_slide(he, fallback_mpp=he_mpp) as slide:
         mpp = max(slide.mpp, max(he_size) * slide.mpp / cfg.label_map_max_px)
         thumb = slide.thumbnail(mpp)
     scale = thumb.shape[1] / he_size[0]
@@ -290,11 +308,12 @@ def _write_label_maps(
 
 
 def _run_one(
-    case: CohortCase, markers: list[str], out: Path, cfgs: StageConfigs, reuse: bool
+    case: CohortCase, markers: list[str], out: Path, cfgs: StageConfigs, reuse: bool,
+    force: bool = False,
 ) -> dict[str, Any]:
     """prepare_case, turning any failure into a 'failed' summary so the other cases go on."""
     try:
-        return prepare_case(case, markers, out, cfgs, reuse)
+        return prepare_case(case, markers, out, cfgs, reuse, force)
     except HistocscError as exc:
         error = str(exc)
     except Exception as exc:  # noqa: BLE001 - one broken case must not stop the cohort
@@ -332,116 +351,85 @@ def run_cohort(
     workers: int = 1,
     reuse_existing: bool = False,
     on_done: Any = None,
+    force: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Prepare every case of a cohort into `out`; returns per-case summaries in cohort order.
+    """Prepare every case of a cohort (or of its `shard` (I, N): every N-th case from the I-th)
+    into `out`; returns per-case summaries in cohort order. `force` redoes finished steps.
 
-    Writes `out/cohort.csv` (absolute paths) and `out/summary.json`. Raises only for problems
-    of the whole cohort (unreadable table, configured marker absent from it).
+    Writes `out/cohort.csv` (absolute paths) and `out/summary.json` (`summary-I-of-N.json` for a
+    shard). Raises only for problems of the whole cohort (unreadable table, configured marker
+    absent from it).
     """
     cohort = read_cohort(cohort_path)
     markers = cohort.select_markers(cfgs.label.markers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_cohort_copy(cohort, out / "cohort.csv")
+    if shard is not None:
+        cohort = replace(cohort, cases=cohort.cases[shard[0]::shard[1]])
     results: dict[str, dict[str, Any]] = {}
-    if workers <= 1 or len(cohort.cases) == 1:
+    if workers <= 1 or len(cohort.cases) <= 1:
         for case in cohort.cases:
-            results[case.case] = _run_one(case, markers, out, cfgs, reuse_existing)
+            results[case.case] = _run_one(case, markers, out, cfgs, reuse_existing, force)
             if on_done:
                 on_done(results[case.case])
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(cohort.cases)), mp_context=ctx, initializer=_init_worker
-        ) as pool:
-            futures = {
-                pool.submit(_run_one, case, markers, out, cfgs, reuse_existing): case
-                for case in cohort.cases
-            }
-            for future in as_completed(futures):
-                case = futures[future]
-                try:
-                    results[case.case] = future.result()
-                except BrokenProcessPool as exc:  # a worker died (e.g. killed for memory)
-                    results[case.case] = _failed(case, f"case {case.case}: worker died ({exc})")
-                if on_done:
-                    on_done(results[case.case])
+        try:
+            _run_parallel(cohort, markers, out, cfgs, workers, reuse_existing, on_done, results,
+                          force)
+        except KeyboardInterrupt:  # workers are stopped; drop their half-written tile stores
+            for case in cohort.cases:
+                for stale in (out / case.case).glob(".tiles.*.tmp.npy"):
+                    stale.unlink(missing_ok=True)
+            raise
     ordered = [results[c.case] for c in cohort.cases]
-    write_json(out / "summary.json", {"markers": markers, "cases": ordered})
+    write_json(summary_path(out, shard), {"markers": markers, "cases": ordered})
     return ordered
 
 
-def _write_cohort_copy(cohort: Cohort, path: Path) -> None:
-    """The cohort table with absolute paths, so it stays valid inside `out`."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "he", *cohort.markers, "split"])
-        for c in cohort.cases:
-            ihc = [str(c.ihc[m]) if c.ihc[m] else "" for m in cohort.markers]
-            writer.writerow([c.case, str(c.he), *ihc, c.split])
+def summary_path(out: Path, shard: tuple[int, int] | None) -> Path:
+    """`out/summary.json`, or `out/summary-I-of-N.json` for one shard of the cohort."""
+    return out / ("summary.json" if shard is None else f"summary-{shard[0]}-of-{shard[1]}.json")
 
 
-def summary_table(
-    results: list[dict[str, Any]], markers: list[str], title: str = "histocsc prepare"
-) -> Any:
-    """A rich Table: per case tiles, positives/negatives per marker, registration error, status."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("case")
-    table.add_column("tiles", justify="right")
-    for m in markers:
-        table.add_column(f"{m} +/-/?", justify="right")
-        table.add_column(f"{m} reg µm", justify="right")
-    table.add_column("status")
-    for r in results:
-        cells = [r["case"], str(r.get("tiles", "-"))]
-        for m in markers:
-            q = r.get("markers", {}).get(m, {})
-            counts = f"{q['positive']}/{q['negative']}/{q['ignored']}" if "positive" in q else "-"
-            err = q.get("registration_error_um")
-            cells += [counts, f"{err:.1f}" if isinstance(err, (int, float)) else "-"]
-        status = r["status"].upper() if r["status"] != "ok" else "ok"
-        notes = [r["error"]] if r.get("error") else []
-        notes += [f"{m}: {q['error']}" for m, q in r.get("markers", {}).items() if q.get("error")]
-        if r.get("reused"):
-            notes.append("(reused)")
-        style = {"ok": "green", "flagged": "yellow", "failed": "red"}[r["status"]]
-        cells.append(f"[{style}]{status}[/{style}] " + "; ".join(notes))
-        table.add_row(*cells)
-    return table
-
-
-def run_and_report(
-    cohort_path: Path,
+def _run_parallel(
+    cohort: Cohort,
+    markers: list[str],
     out: Path,
     cfgs: StageConfigs,
     workers: int,
     reuse_existing: bool,
-    command: str,
-) -> list[dict[str, Any]]:
-    """Run the cohort with a progress bar, print the summary table; error if a case failed."""
-    from rich.console import Console
+    on_done: Any,
+    results: dict[str, dict[str, Any]],
+    force: bool = False,
+) -> None:
+    """The cases in worker processes; Ctrl-C cancels the queued cases and stops the rest."""
+    with process_pool(min(workers, len(cohort.cases)), _init_worker) as pool:
+        futures = {
+            pool.submit(_run_one, case, markers, out, cfgs, reuse_existing, force): case
+            for case in cohort.cases
+        }
+        for future in as_completed(futures):
+            case = futures[future]
+            try:
+                results[case.case] = future.result()
+            except BrokenProcessPool as exc:  # a worker died (e.g. killed for memory)
+                results[case.case] = _failed(case, f"case {case.case}: worker died ({exc})")
+            if on_done:
+                on_done(results[case.case])
 
-    from histocsc.progress import progress_bar
 
-    n_cases = len(read_cohort(cohort_path).cases)
-    with progress_bar(command, n_cases, unit="cases") as advance:
-        results = run_cohort(
-            cohort_path, out, cfgs, workers, reuse_existing, on_done=lambda _: advance(1)
-        )
-    markers = read_json(out / "summary.json")["markers"]
-    console = Console()
-    console.print(summary_table(results, markers, f"histocsc {command}"))
-    flagged = [r["case"] for r in results if r["status"] == "flagged"]
-    failed = [r for r in results if r["status"] == "failed"]
-    if flagged:
-        console.print(
-            f"[yellow]flagged (labels of the poorly registered markers set to -1; qc.json "
-            f"registration_ok false): {', '.join(flagged)}[/yellow]"
-        )
-    console.print(f"summary: {out / 'summary.json'}")
-    if failed:
-        details = "; ".join(r["error"] for r in failed)
-        raise DataError(f"{len(failed)} of {len(results)} case(s) failed: {details}")
-    return results
+def _write_cohort_copy(cohort: Cohort, path: Path) -> None:
+    """The cohort table with absolute paths, so it stays valid inside `out`."""
+    sizes = ["*", "he", *cohort.markers]
+    size_columns = {"*": "mpp", "he": "he_mpp", **{m: f"{m}_mpp" for m in cohort.markers}}
+    sizes = [k for k in sizes if any(k in c.mpp for c in cohort.cases)]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "he", *cohort.markers, "split", "patient",
+                         *(size_columns[k] for k in sizes)])
+        for c in cohort.cases:
+            ihc = [str(c.ihc[m]) if c.ihc[m] else "" for m in cohort.markers]
+            writer.writerow([c.case, str(c.he), *ihc, c.split, c.patient,
+                             *(c.mpp.get(k, "") for k in sizes)])

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +23,25 @@ import numpy as np
 from histocsc.cpu import cpu_count
 from histocsc.errors import (
     ConfigError,
-    DataError,
-    DataNotFoundError,
-    ModelError,
+    HistocscError,
     ModelNotFoundError,
 )
 from histocsc.io import file_checksum, write_json
 from histocsc.learn.metadata import decode_metadata
 from histocsc.models import builtin_facts
+from histocsc.predict.model_check import check_batch, check_graph
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
 from histocsc.predict.report import REPORT, write_report
+from histocsc.predict.rerun import MANIFEST, make_manifest, redo_reason, write_manifest
+from histocsc.predict.session import open_session
 from histocsc.wsi.grid import TileGrid, TilesConfig, make_grid, tile_geometry
+from histocsc.wsi.preflight import check_tiling, open_with_pixel_size
 from histocsc.wsi.reader import TileReader
-from histocsc.wsi.slide import Slide, open_slide
+from histocsc.wsi.slide import Slide
 
 DEVICES = ("auto", "cpu", "cuda")
+ERROR_TXT = "error.txt"
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
-                  ".bif"}
 
 
 def choose_providers(device: str) -> tuple[list[Any], str]:
@@ -80,19 +82,11 @@ class Engine:
         opts.log_severity_level = 3
         # let reader threads have the cores while compute waits, instead of spinning
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own types for a bad file
-            raise ModelError(f"{self.path}: onnxruntime cannot load this model ({exc})") from exc
-        if self.device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise ConfigError(f"{self.path}: CUDA was asked for but onnxruntime could not start it "
-                              "(check the CUDA / cuDNN libraries); use --device cpu")
+        self.session, self.device, self.fallback_note = open_session(
+            self.path, opts, providers, self.device, device)
         props = self.session.get_modelmeta().custom_metadata_map
         self.meta = decode_metadata(props, self.path)
-        inputs = self.session.get_inputs()
-        if [i.name for i in inputs] != ["tiles"]:
-            raise ModelError(f"{self.path}: expected one input named 'tiles', "
-                             f"got {[i.name for i in inputs]}")
+        check_graph(self.session, self.path, self.meta["markers"], self.meta["tile_px"])
         self.checksum = file_checksum(self.path)
         self.markers: list[str] = self.meta["markers"]
         self.tile_px: int = self.meta["tile_px"]
@@ -103,11 +97,14 @@ class Engine:
         where = "CUDA GPU" if self.device == "cuda" else f"CPU, {self.threads} threads"
         return (f"device: {self.device} ({where}); model {self.path.name}: "
                 f"{self.meta['precision']}, markers {', '.join(self.markers)}, "
-                f"{self.tile_px} px at {self.mpp:g} mpp")
+                f"{self.tile_px} px at {self.mpp:g} mpp"
+                + (f"\nnote: {self.fallback_note}" if self.fallback_note else ""))
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """Probabilities (N, markers) float32 for uint8 tiles (N, tile_px, tile_px, 3)."""
-        return self.session.run(["probabilities"], {"tiles": tiles})[0]
+        probs = self.session.run(["probabilities"], {"tiles": tiles})[0]
+        check_batch(probs, self.path, self.markers)
+        return probs
 
     def model_info(self) -> dict[str, Any]:
         """What summary.json records about the model."""
@@ -122,7 +119,8 @@ class InferOptions:
 
     batch: int = 32
     workers: int = 2
-    slide_mpp: float | None = None  # overrides the slide's own pixel size (--mpp)
+    slide_mpp: float | None = None  # used only when the slide records none (--slide-mpp)
+    override_slide_mpp: float | None = None  # replaces the slide's own (--override-slide-mpp)
     min_tissue: float | None = None  # keep tiles with at least this tissue fraction
     stride_px: int | None = None  # step between tiles in model px (--overlap/--stride); None: tile
 
@@ -200,28 +198,25 @@ def tiles_from_grid(grid: TileGrid) -> Tiles:
     )
 
 
-def is_done(out_dir: Path, stride_px: int | None = None, tile_px: int | None = None) -> bool:
-    """A slide is finished when its summary.json exists (it is written last) and, when
-    `stride_px` is given, was made with that tile stride (a summary without it: tile_px)."""
-    from histocsc.io import read_json
-
-    if not (out_dir / SUMMARY).is_file():
-        return False
-    try:
-        made = read_json(out_dir / SUMMARY).get("inference", {})
-    except (OSError, ValueError):
-        return False
-    return stride_px is None or made.get("stride_px", tile_px) == stride_px
+def is_done(out_dir: Path) -> bool:
+    """A slide is finished when its summary.json exists (it is written last); whether it was
+    made from the same inputs is the run manifest's business (histocsc.predict.rerun)."""
+    return (out_dir / SUMMARY).is_file()
 
 
 def infer_slide(
     engine: Engine, slide_path: str | Path, out_dir: str | Path, options: InferOptions,
-    progress: ProgressFactory | None = None,
+    progress: ProgressFactory | None = None, warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the model over the tissue tiles of one slide and write its outputs into `out_dir`."""
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     t0 = time.perf_counter()
-    with open_slide(slide_path, mpp=options.slide_mpp) as slide:
+    for stale in (out_dir / SUMMARY, out_dir / MANIFEST):  # unfinished until rewritten
+        stale.unlink(missing_ok=True)
+    slide, note = open_with_pixel_size(slide_path, options.slide_mpp, options.override_slide_mpp)
+    with slide:
+        for message in [note] * bool(note) + check_tiling(slide, engine.tile_px, engine.mpp):
+            (warn or print)(f"warning: {message}")
         tiles = make_tiles(slide, engine.tile_px, engine.mpp, options.min_tissue,
                            options.stride_px)
         t_mpp = thumbnail_mpp(*slide.dimensions, slide.mpp, engine.mpp)
@@ -236,7 +231,7 @@ def infer_slide(
     compute = 0.0
     bar = progress(slide_path.name, len(tiles.x)) if progress else contextlib.nullcontext(None)
     with bar as advance:
-        for batch in read_batches(slide_path, options.slide_mpp, tiles, options.batch,
+        for batch in read_batches(slide_path, tiles.slide_mpp, tiles, options.batch,
                                   options.workers):
             c0 = time.perf_counter()
             probs[done:done + len(batch)] = engine.predict(batch)
@@ -251,33 +246,12 @@ def infer_slide(
                             timings)
     t3 = time.perf_counter()
     timings |= {"outputs": t3 - t2, "total": t3 - t0}
+    write_manifest(out_dir, manifest_for(engine, slide_path, slide_info["checksum"],
+                                         tiles.slide_mpp, options))
     summary["outputs"].append(REPORT)
     write_report(out_dir, summary, thumb)
     write_json(out_dir / SUMMARY, summary)  # last: its presence marks the slide finished
     return summary
-
-
-def collect_slides(inputs: list[Path]) -> list[Path]:
-    """Slide files named directly, plus the slide files directly inside named folders."""
-    slides: list[Path] = []
-    for path in inputs:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-            if not found:
-                raise DataError(f"{path}: no slide files ({', '.join(sorted(SLIDE_SUFFIXES))})")
-            slides += found
-        elif path.is_file():
-            slides.append(path)
-        else:
-            raise DataNotFoundError(f"{path}: no such slide file or folder")
-    unique = list(dict.fromkeys(p.resolve() for p in slides))
-    stems: dict[str, Path] = {}
-    for p in unique:
-        if p.stem in stems:
-            raise DataError(f"{p} and {stems[p.stem]} would share the output folder {p.stem}/")
-        stems[p.stem] = p
-    return unique
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -304,31 +278,68 @@ class RunReport:
     done: list[Path]
     skipped: list[Path]
     failed: list[tuple[Path, str]]
+    tracebacks: dict[Path, str] = field(default_factory=dict)
+
+
+def manifest_for(engine: Engine, slide_path: Path, checksum: str, slide_mpp: float,
+                 options: InferOptions) -> dict[str, Any]:
+    """What a slide's outputs are made from (see histocsc.predict.rerun)."""
+    params = {"tile_px": engine.tile_px, "mpp": engine.mpp, "min_tissue": options.min_tissue,
+              "stride_px": options.stride_px or engine.tile_px}
+    return make_manifest(slide_path, checksum, engine.checksum, slide_mpp, params)
+
+
+def wanted_manifest(engine: Engine, path: Path, options: InferOptions) -> dict[str, Any]:
+    """The manifest a run of `path` with these options would write (opens the slide's header)."""
+    slide, _ = open_with_pixel_size(path, options.slide_mpp, options.override_slide_mpp)
+    with slide:
+        mpp = slide.mpp
+    return manifest_for(engine, path, file_checksum(path), mpp, options)
 
 
 def run_slides(
     engine: Engine, slides: list[Path], out: Path, options: InferOptions,
-    say: Callable[[str], None] = print, overwrite: bool = False,
+    say: Callable[[str], None] = print, force: bool = False,
     progress: ProgressFactory | None = None,
 ) -> RunReport:
-    """Infer every slide, skipping finished ones and going on past failures."""
+    """Infer every slide, skipping those finished with the same inputs and going on past
+    failures (each failed slide's traceback goes to its folder's error.txt)."""
     report = RunReport([], [], [])
     for n, path in enumerate(slides, 1):
         slide_out = out / path.stem
-        stride = options.stride_px or engine.tile_px
-        if is_done(slide_out, stride, engine.tile_px) and not overwrite:
-            say(f"[{n}/{len(slides)}] {path.name}: already done, skipped ({slide_out / SUMMARY})")
+        head = f"[{n}/{len(slides)}] {path.name}"
+        try:
+            wanted = wanted_manifest(engine, path, options)
+            reason = redo_reason(slide_out, is_done(slide_out), wanted, force)
+        except HistocscError as exc:
+            say(f"{head}: FAILED: {exc}")
+            report.failed.append((path, str(exc)))
+            continue
+        if reason is None:
+            say(f"{head}: already done with the same slide, model and parameters, skipped "
+                f"({slide_out / SUMMARY})")
             report.skipped.append(path)
             continue
+        if reason:
+            say(f"{head}: recomputing: {reason}")
         try:
-            summary = infer_slide(engine, path, slide_out, options, progress=progress)
+            summary = infer_slide(engine, path, slide_out, options, progress=progress, warn=say)
         except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort
             message = str(exc) if str(exc) else exc.__class__.__name__
-            say(f"[{n}/{len(slides)}] {path.name}: FAILED: {message}")
+            report.tracebacks[path] = save_error(slide_out, exc)
+            say(f"{head}: FAILED: {message} (details: {slide_out / ERROR_TXT})")
             report.failed.append((path, message))
             continue
         t = summary["timings_s"]
-        say(f"[{n}/{len(slides)}] {path.name}: {summary['tiles']} tiles in {t['total']:.1f} s "
+        say(f"{head}: {summary['tiles']} tiles in {t['total']:.1f} s "
             f"({t['tiles_per_s']:.0f} tiles/s) -> {slide_out}")
         report.done.append(path)
     return report
+
+
+def save_error(out_dir: Path, exc: BaseException) -> str:
+    """Write the traceback of `exc` to out_dir/error.txt; return it."""
+    text = "".join(traceback.format_exception(exc))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ERROR_TXT).write_text(text)
+    return text

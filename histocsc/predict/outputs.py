@@ -161,7 +161,7 @@ def write_geojson(
     for i in range(len(tiles.x)):
         x, y, w, h = (int(v[i]) for v in (tiles.x, tiles.y, tiles.w, tiles.h))
         positive = [m for j, m in enumerate(markers) if probs[i, j] >= thresholds[m]]
-        name = "+".join(f"{m}+" for m in positive) if positive else "Negative"
+        name = " ".join(f"{m}+" for m in positive) if positive else "Negative"
         color = list(colors[positive[0]]) if len(positive) == 1 else (
             [255, 215, 0] if positive else [160, 160, 160])
         features.append({

@@ -73,7 +73,7 @@ def _slide_mpp(value: Any) -> float | None:
 def _check_slide(path: Path, mpp: float | None, shown: str) -> float:
     """The slide's pixel size; 400 naming the file if it cannot be opened or lacks one."""
     try:
-        with open_slide(path, mpp=mpp) as slide:
+        with open_slide(path, fallback_mpp=mpp) as slide:
             if not slide.has_mpp:
                 raise HttpError(400, f"{shown}: the slide does not record its pixel size; "
                                      "pass slide_mpp (µm/px)")

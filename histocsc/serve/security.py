@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from histocsc.errors import ConfigError
-from histocsc.predict.engine import SLIDE_SUFFIXES
+from histocsc.wsi.discover import SLIDE_SUFFIXES
 
 
 class HttpError(Exception):

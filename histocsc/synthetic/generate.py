@@ -42,7 +42,7 @@ def _check(size_px: int, mpp: float, markers: Sequence[str]) -> None:
     if size_px < 512:
         raise ConfigError(f"phantom: --size-px must be at least 512, got {size_px}")
     if not 0.05 <= mpp <= 10:
-        raise ConfigError(f"phantom: --mpp must be between 0.05 and 10, got {mpp}")
+        raise ConfigError(f"phantom: --slide-mpp must be between 0.05 and 10, got {mpp}")
     if not markers or len(set(markers)) != len(markers):
         raise ConfigError(f"phantom: markers must be distinct and non-empty, got {list(markers)}")
     for m in markers:

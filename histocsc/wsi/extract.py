@@ -20,10 +20,7 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import math
-import multiprocessing
 import os
-import signal
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,23 +33,13 @@ from PIL import Image
 from histocsc.cpu import cpu_count
 from histocsc.errors import DataError, HistocscError, SlideError
 from histocsc.io import atomic_path, file_checksum, read_json
+from histocsc.workers import process_pool
 from histocsc.wsi.grid import GRID_JSON, TileGrid, TilesConfig, make_grid
+from histocsc.wsi.preflight import check_disk, check_tiling, open_with_pixel_size
 from histocsc.wsi.reader import close_readers, process_reader
 from histocsc.wsi.slide import open_slide
 from histocsc.wsi.tissue import tissue_mask
 
-SLIDE_SUFFIXES = {
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".vms",
-    ".vmu",
-    ".scn",
-    ".mrxs",
-    ".svslide",
-    ".bif",
-}
 TILES_NPY = "tiles.npy"
 MASK_PNG = "mask.png"
 THUMB_PNG = "thumbnail.png"
@@ -69,6 +56,7 @@ class SlideTask:
     path: Path
     out_dir: Path
     slide_mpp: float | None = None
+    override_mpp: float | None = None  # replaces the file's own pixel size when given
 
 
 @dataclasses.dataclass
@@ -80,29 +68,12 @@ class SlideResult:
     n_tiles: int = 0
     skipped: bool = False
     error: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-def find_slides(inputs: list[Path]) -> list[Path]:
-    """Expand folders into the whole-slide files directly inside them (sorted, by suffix: plain
-    PNG/JPEG images are tiled only when named one by one); keep files as given."""
-    found: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            inside = sorted(
-                p for p in item.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
-            )
-            if not inside:
-                known = ", ".join(sorted(SLIDE_SUFFIXES))
-                raise SlideError(f"{item}: folder holds no slide files ({known})")
-            found.extend(inside)
-        elif not item.exists():
-            raise SlideError(f"{item}: file not found")
-        else:
-            found.append(item)
-    return found
-
-
-def plan_tasks(slides: list[Path], out: Path, slide_mpp: float | None = None) -> list[SlideTask]:
+def plan_tasks(
+    slides: list[Path], out: Path, slide_mpp: float | None = None, override: float | None = None
+) -> list[SlideTask]:
     """One task per slide, output in `out/<stem>`; two slides with the same stem are an error."""
     seen: dict[str, Path] = {}
     tasks = []
@@ -113,13 +84,13 @@ def plan_tasks(slides: list[Path], out: Path, slide_mpp: float | None = None) ->
         if stem in seen:
             continue
         seen[stem] = path
-        tasks.append(SlideTask(path=path, out_dir=out / stem, slide_mpp=slide_mpp))
+        tasks.append(SlideTask(path, out / stem, slide_mpp, override))
     return tasks
 
 
 def effective_mpp(task: SlideTask) -> float | None:
     """The slide's own pixel size, else the task's fallback (None when neither exists)."""
-    with open_slide(task.path, fallback_mpp=task.slide_mpp) as probe:
+    with open_slide(task.path, mpp=task.override_mpp, fallback_mpp=task.slide_mpp) as probe:
         return probe.mpp if probe.has_mpp else None
 
 
@@ -157,7 +128,7 @@ def prepare_slide(
     for stale in task.out_dir.glob(".tiles.*.tmp.npy"):  # left by an interrupted run
         stale.unlink(missing_ok=True)
     checksum = file_checksum(task.path)
-    with open_slide(task.path, fallback_mpp=task.slide_mpp) as slide:
+    with open_slide(task.path, mpp=task.override_mpp, fallback_mpp=task.slide_mpp) as slide:
         if not slide.has_mpp:
             raise SlideError(
                 f"{task.path}: the slide does not record its pixel size; pass it with "
@@ -177,6 +148,7 @@ def prepare_slide(
         Image.fromarray(draw_grid(thumb, grid)).save(tmp, format="PNG", compress_level=3)
     tmp_tiles = None
     if save_images:
+        check_disk(task.out_dir, len(grid), grid.tile_px, task.path)
         tmp_tiles = task.out_dir / f".tiles.{uuid.uuid4().hex[:8]}.tmp.npy"
         shape = (len(grid), grid.tile_px, grid.tile_px, 3)
         store = np.lib.format.open_memmap(tmp_tiles, mode="w+", dtype=np.uint8, shape=shape)
@@ -258,24 +230,8 @@ def _executor(workers: int) -> Iterator[cf.Executor | None]:
     if workers <= 1:
         yield None
         return
-    ctx = multiprocessing.get_context("spawn")
-    # Workers start with SIGINT ignored (they inherit it), so Ctrl-C stops only the main
-    # process, which cancels what is queued and removes temporary files, without a traceback
-    # from every worker.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-    try:
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        list(pool.map(_started, range(workers)))  # start every worker now
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
-    with pool:
+    with process_pool(workers) as pool:
         yield pool
-
-
-def _started(_: int) -> bool:
-    return True
 
 
 def _unordered(
@@ -324,8 +280,39 @@ def tile_slides(
         if not force and is_finished(task, cfg, save_images):
             meta = read_json(task.out_dir / GRID_JSON)
             results[task].skipped, results[task].n_tiles = True, int(meta["n_tiles"])
-        else:
+        elif _preflight(task, cfg, results[task]):
             todo.append(task)
+    try:
+        _tile_todo(todo, cfg, save_images, workers, results, progress)
+    finally:  # also on Ctrl-C: no temporary tile stores, no empty folders of failed slides
+        for task in todo:
+            for stale in task.out_dir.glob(".tiles.*.tmp.npy"):
+                stale.unlink(missing_ok=True)
+            if task.out_dir.is_dir() and not any(task.out_dir.iterdir()):
+                task.out_dir.rmdir()
+    return [results[t] for t in tasks]
+
+
+def _preflight(task: SlideTask, cfg: TilesConfig, result: SlideResult) -> bool:
+    """Check the request before reading pixels; False (with the error in `result`) if hopeless."""
+    try:
+        slide, note = open_with_pixel_size(task.path, task.slide_mpp, task.override_mpp)
+        with slide:
+            result.warnings += [note] * bool(note) + check_tiling(slide, cfg.tile_px, cfg.mpp)
+    except HistocscError as exc:
+        result.error = str(exc)
+        return False
+    return True
+
+
+def _tile_todo(
+    todo: list[SlideTask],
+    cfg: TilesConfig,
+    save_images: bool,
+    workers: int,
+    results: dict[SlideTask, SlideResult],
+    progress: Callable[[str, int, str], contextlib.AbstractContextManager[Advance]] | None,
+) -> None:
     bar = progress or _no_progress
     processes = min(workers, cpu_count()) if todo else 1
     with _executor(processes) as pool:
@@ -345,7 +332,6 @@ def tile_slides(
             for _, tmp in prepared.values():
                 if tmp is not None and tmp.exists():
                     tmp.unlink()
-    return [results[t] for t in tasks]
 
 
 def _fill_stores(

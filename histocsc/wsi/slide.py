@@ -34,7 +34,9 @@ PROP_VENDOR = openslide.PROPERTY_NAME_VENDOR
 PROP_BACKGROUND = openslide.PROPERTY_NAME_BACKGROUND_COLOR
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CHUNK_PX = 4096  # reads larger than this (per side, at the read level) are done in blocks
-MPP_HINT = "pass the pixel size with --mpp (microns per pixel at full resolution, e.g. 0.5 for 20x)"
+MPP_HINT = (
+    "pass the pixel size with --slide-mpp (microns per pixel at full resolution, e.g. 0.5 for 20x)"
+)
 WHITE = (255, 255, 255)
 H = TypeVar("H")
 log = logging.getLogger(__name__)
