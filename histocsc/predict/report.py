@@ -57,12 +57,11 @@ def cell_index(geometry: dict[str, Any], height: int, width: int) -> tuple[np.nd
     cell (r, c) covers its own square [c, c + 1) x [r, r + 1) * step_px (score_grid.json), as
     the heatmap PNGs draw it (with overlap the grid is blended at the stride)."""
     step = float(geometry["step_px"])
-    off = 0.0
     sy = geometry["slide_height"] / height
     sx = geometry["slide_width"] / width
     rows_n, cols_n = geometry["shape"][:2]
-    r = np.floor(((np.arange(height) + 0.5) * sy - off) / step).astype(np.int64)
-    c = np.floor(((np.arange(width) + 0.5) * sx - off) / step).astype(np.int64)
+    r = np.floor(((np.arange(height) + 0.5) * sy) / step).astype(np.int64)
+    c = np.floor(((np.arange(width) + 0.5) * sx) / step).astype(np.int64)
     r[(r < 0) | (r >= rows_n)] = -1
     c[(c < 0) | (c >= cols_n)] = -1
     return r, c
