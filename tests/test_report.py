@@ -126,15 +126,16 @@ def test_overlay_colours_are_the_tile_scores_at_the_tile_positions(run: dict) ->
     assert corner[3] == 0
 
 
-def test_cell_index_centres_cells_on_tiles() -> None:
+def test_cell_index_gives_each_cell_its_own_stride_square() -> None:
     geometry = {"step_px": 100.0, "tile_size_px": 200.0, "slide_width": 1000,
                 "slide_height": 500, "shape": [5, 10, 1]}
     rows, cols = cell_index(geometry, 50, 100)  # 10 level-0 px per thumbnail px
-    # a cell spans [50 + 100 c, 150 + 100 c): pixel 4 (x 45) is off, 5 (x 55) is cell 0
-    assert cols[4] == -1 and cols[5] == 0 and cols[14] == 0 and cols[15] == 1
-    assert cols[-1] == 9 and rows[5] == 0 and rows[44] == 3  # x 995 is in [950, 1050)
+    # cell c spans [100 c, 100 c + 100), as score_grid.json and the heatmap PNGs place it:
+    # pixel 9 (x 95) is cell 0, pixel 10 (x 105) is cell 1
+    assert cols[0] == 0 and cols[9] == 0 and cols[10] == 1 and cols[19] == 1
+    assert cols[-1] == 9 and rows[9] == 0 and rows[10] == 1 and rows[49] == 4
     _, cols = cell_index({**geometry, "shape": [5, 9, 1]}, 50, 100)
-    assert cols[94] == 8 and cols[95] == -1  # past the last cell of a 9-column grid
+    assert cols[89] == 8 and cols[90] == -1  # past the last cell of a 9-column grid
 
 
 def test_cohort_summary_lists_every_slide_with_failures_and_links(run: dict) -> None:

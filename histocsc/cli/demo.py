@@ -28,7 +28,11 @@ def demo(
                        say=typer.echo)
     typer.echo("")
     typer.echo(f"test-case AUROC per marker: {summary['test_auroc']}")
-    typer.echo(f"heatmap Dice vs phantom truth: {summary['heatmap_dice_vs_truth']}")
+    typer.echo(f"test-case ECE per marker (before -> after calibration): "
+               f"{summary['test_ece']}")
+    typer.echo(f"heatmap Dice vs phantom truth (overlap {summary['overlap']:g}), tile level: "
+               f"{summary['heatmap_dice_vs_truth']}; pixel level: "
+               f"{summary['pixel_dice_vs_truth']}")
     typer.echo(f"timings (s): {summary['timings_s']}")
     for name in summary["outputs"]["heatmaps"]:
         typer.echo(f"look at: {name}/ (heatmap_*.png, tiles.geojson for QuPath)")

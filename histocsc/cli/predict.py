@@ -110,6 +110,13 @@ def infer_command(
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
     recursive: RecursiveOpt = False,
+    overlap: Annotated[
+        float | None, typer.Option("--overlap", help="Tile overlap 0 <= F < 1 (e.g. 0.5): scores "
+                                   "blended at the stride (finer heatmap, ~1/(1-F)^2 tiles).")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Step between tiles in model px (vs --overlap).")
+    ] = None,
 ) -> None:
     """Heatmaps, scores and QuPath tiles of stem-like regions for each slide."""
     from histocsc.predict.engine import Engine, InferOptions, cpu_count, parse_shard, run_slides
@@ -135,8 +142,11 @@ def infer_command(
     # on the CPU, readers compete with onnxruntime for cores: reading a tile costs ~1/10 of
     # computing it, so a quarter of the cores keep the queue full; a GPU needs them all
     default_workers = cpu_count() if engine.device == "cuda" else max(1, cpu_count() // 4)
+    from histocsc.predict.blend import stride_px
+
     options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=slide_mpp,
-                           override_slide_mpp=override_slide_mpp)
+                           override_slide_mpp=override_slide_mpp,
+                           stride_px=stride_px(engine.tile_px, overlap, stride))
     report = run_slides(engine, found, out, options, say=typer.echo, force=force,
                         progress=lambda name, total: progress_bar(name, total))
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "

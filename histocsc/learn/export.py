@@ -30,20 +30,34 @@ log = logging.getLogger(__name__)
 
 
 class TileModel(nn.Module):
-    """`model` with preprocessing and sigmoid inside: uint8 (N, H, W, 3) -> float (N, markers)."""
+    """`model` with preprocessing, calibration and sigmoid inside: uint8 (N, H, W, 3) -> float
+    (N, markers) calibrated probabilities, sigmoid((logit - shift) / temperature) per marker
+    (histocsc.learn.calibration; shift 0 and temperature 1 when the run has no calibration)."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float],
+                 shift: list[float] | None = None, temperature: list[float] | None = None) -> None:
         super().__init__()
         self.model = model
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("mean", mean_t)
         self.register_buffer("std", std_t)
+        self.register_buffer("shift", torch.tensor(shift or [0.0], dtype=torch.float32))
+        self.register_buffer("temperature",
+                             torch.tensor(temperature or [1.0], dtype=torch.float32))
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         x = tiles.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
-        return torch.sigmoid(self.model(x))
+        return torch.sigmoid((self.model(x) - self.shift) / self.temperature)
+
+
+def calibration_params(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Per-marker (shift, temperature) of a trained model's metadata (0 and 1 when absent)."""
+    cal = meta.get("calibration") or {}
+    rows = [cal.get(m, {}) for m in meta["markers"]]
+    return ([float(r.get("shift", 0.0)) for r in rows],
+            [float(r.get("temperature", 1.0)) for r in rows])
 
 
 @dataclass
@@ -171,7 +185,7 @@ def export_onnx(
     props = model_metadata(meta)
     tile_px = int(meta["tile_px"])
     wrapped = TileModel(model, list(meta.get("mean", [0, 0, 0])),
-                        list(meta.get("std", [1, 1, 1]))).eval().cpu()
+                        list(meta.get("std", [1, 1, 1])), *calibration_params(meta)).eval().cpu()
     calib = load_tiles(calibration, tile_px, limit=256) if calibration is not None else None
     if check_tiles is not None:
         tiles = load_tiles(check_tiles, tile_px, limit=32)

@@ -32,6 +32,7 @@ def model_metadata(meta: dict[str, Any]) -> dict[str, str]:
         "backbone": str(meta.get("backbone", "")),
         "mean": json.dumps(list(map(float, meta.get("mean", [0.0, 0.0, 0.0])))),
         "std": json.dumps(list(map(float, meta.get("std", [1.0, 1.0, 1.0])))),
+        "calibration": json.dumps({"applied_in": "graph", **(meta.get("calibration") or {})}),
     }
 
 
@@ -50,6 +51,7 @@ def decode_metadata(props: dict[str, str], path: str | Path) -> dict[str, Any]:
             "training_summary": json.loads(props.get("training_summary", "{}")),
             "backbone": props.get("backbone", ""),
             "precision": props.get("precision", "fp32"),
+            "calibration": json.loads(props.get("calibration", "{}")),
         }
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{path}: malformed histocsc metadata ({exc})") from exc

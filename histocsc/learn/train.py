@@ -30,6 +30,7 @@ from histocsc.config import StrictModel, load_config
 from histocsc.errors import ConfigError, ModelError, ModelNotFoundError
 from histocsc.io import atomic_path, write_json
 from histocsc.learn import metrics_csv
+from histocsc.learn.calibration import calibrate_run, to_meta
 from histocsc.learn.data import DataConfig, TileDataModule
 from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, check_backbone
 from histocsc.learn.module import TileClassifier
@@ -348,7 +349,12 @@ def train(
         global_rank=int(trainer.global_rank),
     )
     if trainer.is_global_zero:
-        extra = {"summary": {"test": test_results, "run_dir": str(run_dir)}}
+        calibration, ece = calibrate_run(module, data, best)
+        for marker, row in ece.items():
+            test_results.setdefault(marker, {}).update(row)
+        result.thresholds = {m: c.threshold for m, c in calibration.items()}
+        extra = {"summary": {"test": test_results, "run_dir": str(run_dir)},
+                 "thresholds": result.thresholds, "calibration": to_meta(calibration)}
         for path in {best, run_dir / "checkpoints" / "last.ckpt"}:
             if path.is_file():
                 _update_checkpoint(path, extra)

@@ -7,13 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from histocsc.io import read_json, write_json
+from histocsc.io import write_json
 
 DEMO_TILE_PX = 64
 DEMO_TILE_MPP = 2.0  # 128 µm tiles: small enough for a tiny CNN on the CPU
 DEMO_SLIDE_MPP = 1.0
+DEMO_OVERLAP = 0.5  # overlapping inference: heatmap cells of 64 µm, each the mean of 4 tiles
 
 
 def run_demo(
@@ -27,6 +26,7 @@ def run_demo(
     """Run every stage on a fresh phantom cohort in `out`; returns (and writes) a summary."""
     from histocsc.cohort import read_cohort
     from histocsc.config import load_config, packaged_config
+    from histocsc.evaluate.metrics import evaluate
     from histocsc.ihc.labels import LabelConfig
     from histocsc.ihc.registration import RegistrationConfig
     from histocsc.learn.export import export_onnx
@@ -34,6 +34,7 @@ def run_demo(
     from histocsc.learn.train import load_train_config, train
     from histocsc.pipeline.prepare import StageConfigs
     from histocsc.pipeline.prepare_report import run_and_report
+    from histocsc.predict.blend import stride_px
     from histocsc.predict.engine import Engine, InferOptions, cpu_count, run_slides
     from histocsc.progress import progress_bar
     from histocsc.synthetic.generate import make_cohort, tiles_per_case
@@ -84,7 +85,8 @@ def run_demo(
     slides = [c.he for c in test_cases]
     engine = Engine(out / "model.onnx", device="auto")
     say(engine.describe())
-    options = InferOptions(batch=64, workers=cpu_count(), slide_mpp=None)
+    options = InferOptions(batch=64, workers=cpu_count(), slide_mpp=None,
+                           stride_px=stride_px(engine.tile_px, DEMO_OVERLAP))
     report = run_slides(engine, slides, out / "infer", options, say=say, force=True,
                         progress=lambda name, total: progress_bar(name, total))
     lap("infer")
@@ -93,13 +95,17 @@ def run_demo(
 
         raise HistocscError(f"demo: inference failed: {report.failed}")
 
-    dice = {c.case: heatmap_dice(out / "phantom" / c.case, out / "infer" / c.he.stem)
-            for c in test_cases}
+    evaluations = {c.case: evaluate(out / "infer" / c.he.stem, out / "phantom" / c.case,
+                                    out / "evaluate" / c.case) for c in test_cases}
     summary = {
         "cases": cases,
         "size_px": size_px,
+        "overlap": DEMO_OVERLAP,
         "test_auroc": {m: round(v["auroc"], 3) for m, v in result.test.items()},
-        "heatmap_dice_vs_truth": dice,
+        "test_ece": {m: {"before": round(v["ece_uncalibrated"], 4), "after": round(v["ece"], 4)}
+                     for m, v in result.test.items()},
+        "heatmap_dice_vs_truth": figure(evaluations, "tile", "dice"),
+        "pixel_dice_vs_truth": figure(evaluations, "pixel", "dice"),
         "onnx_parity_max_abs_diff": exported.max_abs_diff,
         "timings_s": timings,
         "outputs": {
@@ -108,6 +114,7 @@ def run_demo(
             "run": str(result.run_dir),
             "model": str(out / "model.onnx"),
             "heatmaps": [str(out / "infer" / s.stem) for s in slides],
+            "evaluation": [str(out / "evaluate" / c.case) for c in test_cases],
             "reports": [str(out / "infer" / s.stem / "report.html") for s in slides],
         },
     }
@@ -115,21 +122,8 @@ def run_demo(
     return summary
 
 
-def heatmap_dice(case_dir: Path, infer_dir: Path) -> dict[str, float]:
-    """Dice, per marker, between tiles scored above threshold and tiles >= 50 % truth-positive."""
-    from histocsc.synthetic.truth import load_truth, truth_labels
-
-    truth = load_truth(case_dir)
-    grid = np.load(infer_dir / "score_grid.npy")
-    geom = read_json(infer_dir / "score_grid.json")
-    rows, cols = np.nonzero(np.isfinite(grid[..., 0]))
-    step, size = geom["step_px"], geom["tile_size_px"]
-    boxes = np.stack([cols * step, rows * step, np.full(len(rows), size), np.full(len(rows), size)],
-                     1)
-    out = {}
-    for j, marker in enumerate(geom["markers"]):
-        predicted = grid[rows, cols, j] >= geom["thresholds"][marker]
-        positive = truth_labels(truth, marker, boxes) >= 0.5
-        denom = predicted.sum() + positive.sum()
-        out[marker] = round(float(2 * (predicted & positive).sum() / denom), 3) if denom else 1.0
-    return out
+def figure(evaluations: dict[str, dict[str, Any]], level: str, key: str
+           ) -> dict[str, dict[str, float]]:
+    """{case: {marker: value}} of one figure of `histocsc evaluate` results (3 decimals)."""
+    return {case: {m: round(float(row[level][key]), 3) for m, row in ev["markers"].items()}
+            for case, ev in evaluations.items()}

@@ -122,6 +122,7 @@ class InferOptions:
     slide_mpp: float | None = None  # used only when the slide records none (--slide-mpp)
     override_slide_mpp: float | None = None  # replaces the slide's own (--override-slide-mpp)
     min_tissue: float | None = None  # keep tiles with at least this tissue fraction
+    stride_px: int | None = None  # step between tiles in model px (--overlap/--stride); None: tile
 
 
 def read_batches(
@@ -172,10 +173,11 @@ def read_batches(
             r.close()
 
 
-def make_tiles(slide: Slide, tile_px: int, mpp: float, min_tissue: float | None) -> Tiles:
-    """Tissue mask and tile grid at the model's mpp and tile size."""
+def make_tiles(slide: Slide, tile_px: int, mpp: float, min_tissue: float | None,
+               stride_px: int | None = None) -> Tiles:
+    """Tissue mask and tile grid at the model's mpp and tile size (and stride, when given)."""
     extra = {} if min_tissue is None else {"min_tissue_fraction": min_tissue}
-    cfg = TilesConfig(tile_px=tile_px, mpp=mpp, **extra)
+    cfg = TilesConfig(tile_px=tile_px, mpp=mpp, stride_px=stride_px, **extra)
     return tiles_from_grid(make_grid(slide, cfg))
 
 
@@ -197,7 +199,8 @@ def tiles_from_grid(grid: TileGrid) -> Tiles:
 
 
 def is_done(out_dir: Path) -> bool:
-    """A slide is finished when its summary.json exists (it is written last)."""
+    """A slide is finished when its summary.json exists (it is written last); whether it was
+    made from the same inputs is the run manifest's business (histocsc.predict.rerun)."""
     return (out_dir / SUMMARY).is_file()
 
 
@@ -214,7 +217,8 @@ def infer_slide(
     with slide:
         for message in [note] * bool(note) + check_tiling(slide, engine.tile_px, engine.mpp):
             (warn or print)(f"warning: {message}")
-        tiles = make_tiles(slide, engine.tile_px, engine.mpp, options.min_tissue)
+        tiles = make_tiles(slide, engine.tile_px, engine.mpp, options.min_tissue,
+                           options.stride_px)
         t_mpp = thumbnail_mpp(*slide.dimensions, slide.mpp, engine.mpp)
         thumb = slide.thumbnail(t_mpp)
         slide_info = {"name": slide_path.stem, "path": str(slide_path.resolve()),
@@ -280,7 +284,8 @@ class RunReport:
 def manifest_for(engine: Engine, slide_path: Path, checksum: str, slide_mpp: float,
                  options: InferOptions) -> dict[str, Any]:
     """What a slide's outputs are made from (see histocsc.predict.rerun)."""
-    params = {"tile_px": engine.tile_px, "mpp": engine.mpp, "min_tissue": options.min_tissue}
+    params = {"tile_px": engine.tile_px, "mpp": engine.mpp, "min_tissue": options.min_tissue,
+              "stride_px": options.stride_px or engine.tile_px}
     return make_manifest(slide_path, checksum, engine.checksum, slide_mpp, params)
 
 

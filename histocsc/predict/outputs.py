@@ -81,7 +81,9 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     markers: list[str] = list(model["markers"])
     thresholds = {m: float(model["thresholds"].get(m, 0.5)) for m in markers}
-    grid = score_grid(tiles, probs)
+    from histocsc.predict.blend import blend_grid
+
+    grid = blend_grid(tiles, probs)  # equals score_grid(tiles, probs) without overlap
     with atomic_path(out_dir / SCORE_GRID) as tmp, tmp.open("wb") as f:
         np.save(f, grid)
     write_json(out_dir / SCORE_GRID_JSON, grid_geometry(tiles, markers, thresholds))
@@ -97,8 +99,17 @@ def write_outputs(
                   slide_info.get("name", ""))
     files.append(STEM_MAP)
     summary = summarise(tiles, probs, markers, thresholds)
-    return {"slide": slide_info, **summary, "model": model, "timings_s": timings,
-            "outputs": files}
+    return {"slide": slide_info, **summary, "model": model, "inference": inference_params(tiles),
+            "timings_s": timings, "outputs": files}
+
+
+def inference_params(tiles: Tiles) -> dict[str, Any]:
+    """The grid parameters a rerun must match to reuse this slide's outputs."""
+    from histocsc.predict.blend import WINDOW, tiles_per_cell
+
+    return {"tile_px": tiles.tile_px, "stride_px": round(tiles.tile_px * tiles.step / tiles.size),
+            "overlap": round(1.0 - tiles.step / tiles.size, 4), "blend_window": WINDOW,
+            "tiles_per_cell": tiles_per_cell(tiles)}
 
 
 def grid_geometry(
@@ -112,8 +123,10 @@ def grid_geometry(
         "axes": ["row", "col", "marker"],
         "markers": markers,
         "thresholds": thresholds,
-        "missing": "NaN (no tissue tile at this cell)",
-        "cell_to_level0": "x = col * step_px, y = row * step_px; the tile is tile_size_px wide",
+        "missing": "NaN (no tissue tile covers this cell)",
+        "cell_to_level0": "cell (row, col) is the square x in [col, col + 1) * step_px, "
+                          "y in [row, row + 1) * step_px; its score is the window-weighted mean "
+                          "of the tiles (tile_size_px wide) that cover it",
         "origin_px": [0, 0],
         "step_px": float(tiles.step),
         "tile_size_px": float(tiles.size),
@@ -202,11 +215,10 @@ def summarise(
 
 
 def _extent(tiles: Tiles, thumb_mpp: float) -> tuple[float, float, float, float]:
-    """imshow extent (thumbnail px) of the score grid, each cell centred on its tile."""
+    """imshow extent (thumbnail px) of the score grid: cell (r, c) covers its own square."""
     rows, cols = tiles.shape
-    off = (tiles.size - tiles.step) / 2
     s = tiles.slide_mpp / thumb_mpp
-    return ((off) * s, (off + cols * tiles.step) * s, (off + rows * tiles.step) * s, off * s)
+    return (0.0, cols * tiles.step * s, rows * tiles.step * s, 0.0)
 
 
 def _figure(thumbnail: np.ndarray, title: str) -> tuple[Any, Any]:
@@ -241,7 +253,7 @@ def plot_heatmap(
     threshold contour and a legend."""
     from matplotlib.lines import Line2D
 
-    fig, ax = _figure(thumbnail, f"{slide_name}: P({marker}+) per tile")
+    fig, ax = _figure(thumbnail, f"{slide_name}: P({marker}+)")
     extent = _extent(tiles, thumb_mpp)
     img = ax.imshow(np.ma.masked_invalid(scores), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
                     extent=extent, interpolation="nearest")

@@ -53,15 +53,15 @@ def encode(image: np.ndarray, fmt: str = "PNG") -> str:
 
 
 def cell_index(geometry: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, ...]:
-    """Row and column of the score-grid cell under each thumbnail pixel (-1 outside the grid),
-    with each cell centred on its tile, as the heatmap PNGs draw it."""
-    step, size = float(geometry["step_px"]), float(geometry["tile_size_px"])
-    off = (size - step) / 2
+    """Row and column of the score-grid cell under each thumbnail pixel (-1 outside the grid):
+    cell (r, c) covers its own square [c, c + 1) x [r, r + 1) * step_px (score_grid.json), as
+    the heatmap PNGs draw it (with overlap the grid is blended at the stride)."""
+    step = float(geometry["step_px"])
     sy = geometry["slide_height"] / height
     sx = geometry["slide_width"] / width
     rows_n, cols_n = geometry["shape"][:2]
-    r = np.floor(((np.arange(height) + 0.5) * sy - off) / step).astype(np.int64)
-    c = np.floor(((np.arange(width) + 0.5) * sx - off) / step).astype(np.int64)
+    r = np.floor(((np.arange(height) + 0.5) * sy) / step).astype(np.int64)
+    c = np.floor(((np.arange(width) + 0.5) * sx) / step).astype(np.int64)
     r[(r < 0) | (r >= rows_n)] = -1
     c[(c < 0) | (c >= cols_n)] = -1
     return r, c

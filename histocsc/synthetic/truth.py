@@ -110,22 +110,29 @@ def truth_labels(truth: dict[str, Any], marker: str, grid: Any) -> np.ndarray:
     """
     boxes = _xywh(grid)
     mask = load_mask(truth, marker).astype(np.float64)
-    ds = float(truth["mask_downsample"])
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1))
-    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    total, area = box_integrals(mask, float(truth["mask_downsample"]), boxes)
+    return np.clip(total / np.maximum(area, 1e-12), 0.0, 1.0)
+
+
+def box_integrals(image: np.ndarray, ds: float, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of `image` (a raster of level-0 px / `ds`) over each level-0 box (N, 4: x, y, w, h),
+    exact for boxes that cut raster cells (bilinear integral image), and each box's area in
+    raster cells."""
+    integral = np.zeros((image.shape[0] + 1, image.shape[1] + 1))
+    integral[1:, 1:] = image.cumsum(0).cumsum(1)
 
     def at(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Integral of the mask over [0, x) x [0, y) in mask cells, bilinear (exact)."""
-        x = np.clip(x, 0, mask.shape[1])
-        y = np.clip(y, 0, mask.shape[0])
-        x0 = np.minimum(np.floor(x).astype(int), mask.shape[1] - 1)
-        y0 = np.minimum(np.floor(y).astype(int), mask.shape[0] - 1)
+        """Integral of the image over [0, x) x [0, y) in raster cells, bilinear (exact)."""
+        x = np.clip(x, 0, image.shape[1])
+        y = np.clip(y, 0, image.shape[0])
+        x0 = np.minimum(np.floor(x).astype(int), image.shape[1] - 1)
+        y0 = np.minimum(np.floor(y).astype(int), image.shape[0] - 1)
         fx, fy = x - x0, y - y0
         return ((1 - fx) * (1 - fy) * integral[y0, x0] + fx * (1 - fy) * integral[y0, x0 + 1]
                 + (1 - fx) * fy * integral[y0 + 1, x0] + fx * fy * integral[y0 + 1, x0 + 1])
 
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     x0, y0 = boxes[:, 0] / ds, boxes[:, 1] / ds
     x1, y1 = (boxes[:, 0] + boxes[:, 2]) / ds, (boxes[:, 1] + boxes[:, 3]) / ds
-    area = np.maximum((x1 - x0) * (y1 - y0), 1e-12)
-    total = at(x1, y1) - at(x0, y1) - at(x1, y0) + at(x0, y0)
-    return np.clip(total / area, 0.0, 1.0)
+    area = (x1 - x0) * (y1 - y0)
+    return at(x1, y1) - at(x0, y1) - at(x1, y0) + at(x0, y0), area

@@ -1,0 +1,1 @@
+"""`histocsc evaluate`: inference outputs against truth (phantom masks, QuPath GeoJSON, IHC)."""
