@@ -33,7 +33,13 @@ from histocsc.ihc.registration.images import array_thumb
 from histocsc.ihc.registration.pipeline import assess_transform
 from histocsc.ihc.transform import read_points_csv
 from histocsc.synthetic.generate import make_case
-from histocsc.synthetic.pairs import identity_error, make_pair, real_sources
+from histocsc.synthetic.pairs import (
+    affine_fit_residual,
+    identity_error,
+    make_pair,
+    median_tre,
+    real_sources,
+)
 from histocsc.synthetic.truth import landmarks, load_truth
 from histocsc.wsi.pyramid import write_pyramid_tiff
 
@@ -66,16 +72,6 @@ def crop_pair(pair, boxes):
     return f, m, pf[keep], pm[keep]
 
 
-def tre(transform, pf: np.ndarray, pm: np.ndarray) -> float:
-    return float(np.median(np.linalg.norm(transform.to_moving(pf) - pm, axis=1)))
-
-
-def affine_fit_residual(pf: np.ndarray, pm: np.ndarray) -> float:
-    a = np.c_[pf, np.ones(len(pf))]
-    x, *_ = np.linalg.lstsq(a, pm, rcond=None)
-    return float(np.median(np.linalg.norm(a @ x - pm, axis=1)))
-
-
 # -- sections ---------------------------------------------------------------------------------
 def real_pairs() -> dict:
     kidney, lung = load_pair(*KIDNEY), load_pair(*LUNG)
@@ -97,7 +93,7 @@ def real_pairs() -> dict:
         t0 = time.perf_counter()
         result = register_arrays(f, m, mpp, mpp)
         secs = time.perf_counter() - t0
-        fit, err = affine_fit_residual(pf, pm), tre(result.transform, pf, pm)
+        fit, err = affine_fit_residual(pf, pm), median_tre(result.transform, pf, pm)
         target = target or 1.2 * fit
         none = float(np.median(np.linalg.norm(pf - pm, axis=1)))
         print(
@@ -118,7 +114,7 @@ def textured_pairs(seeds: int) -> None:
             pair = make_pair(rgb, mpp, np.random.default_rng(10_000 + 100 * k + seed))
             try:
                 result = register_arrays(pair.fixed, pair.moving, mpp, mpp)
-                err = tre(result.transform, pair.fixed_points, pair.moving_points)
+                err = median_tre(result.transform, pair.fixed_points, pair.moving_points)
                 err /= result.transform.working_mpp / mpp
                 poor = result.poor
             except RegistrationError:
@@ -206,14 +202,14 @@ def qc_failure_set(mpp: float = 5.0) -> None:
             rows.append((f"{name} registered", math.inf, True))
             continue
         tf = result.transform
-        rows.append((f"{name} registered", tre(tf, pf, pm) * mpp, result.poor))
+        rows.append((f"{name} registered", median_tre(tf, pf, pm) * mpp, result.poor))
         wm = tf.working_mpp
         thumbs = array_thumb(f, mpp, wm, "fixed"), array_thumb(m, mpp, wm, "moving")
         centre = np.array(f.shape[1::-1]) / 2
         for kind, v in breaks:
             broken = _Broken(tf, _breakage(kind, v, centre, mpp))
             err = assess_transform(*thumbs, wm, broken)
-            rows.append((f"{name} {kind} {v:g}", tre(broken, pf, pm) * mpp, err["poor"]))
+            rows.append((f"{name} {kind} {v:g}", median_tre(broken, pf, pm) * mpp, err["poor"]))
     colon = skimage.data.immunohistochemistry()
     unrelated = {
         "kidney H&E / lung IHC": (kidney[0], lung[1]),

@@ -135,6 +135,19 @@ def identity_error(pair: Pair) -> float:
     return float(np.median(np.linalg.norm(pair.fixed_points - pair.moving_points, axis=1)))
 
 
+def median_tre(transform: Any, fixed_points: np.ndarray, moving_points: np.ndarray) -> float:
+    """Median target registration error (px of the moving image) of `transform` on landmarks."""
+    mapped = transform.to_moving(fixed_points)
+    return float(np.median(np.linalg.norm(mapped - moving_points, axis=1)))
+
+
+def affine_fit_residual(fixed_points: np.ndarray, moving_points: np.ndarray) -> float:
+    """Median residual of the least-squares affine fitted to the landmarks themselves."""
+    a = np.c_[fixed_points, np.ones(len(fixed_points))]
+    x, *_ = np.linalg.lstsq(a, moving_points, rcond=None)
+    return float(np.median(np.linalg.norm(a @ x - moving_points, axis=1)))
+
+
 def real_sources(real_dir: Path) -> dict[str, tuple[np.ndarray, float]]:
     """Real H&E images to cut pairs from: name -> (RGB, µm/px), from the shared real data.
 
