@@ -62,7 +62,7 @@ def run_seed(seed: int, root: Path, size_px: int, overlap: float, epochs: int,
     steps = {
         "phantom": (d / "phantom" / "cohort.csv",
                     ["phantom", str(d / "phantom"), "--cases", "5", "--size-px", str(size_px),
-                     "--mpp", "1.0", "--seed", str(seed)]),
+                     "--slide-mpp", "1.0", "--seed", str(seed)]),
         "prepare": (d / "prepared" / "summary.json",
                     ["prepare", "--cohort", str(d / "phantom" / "cohort.csv"),
                      "--out", str(d / "prepared"), "--tiles-config", str(d / "tiles.yaml")]),
