@@ -30,6 +30,7 @@ class Matches:
     moving: np.ndarray  # (N, 2)
     warp: np.ndarray | None  # 2x3 or None
     inlier: np.ndarray  # (N,) bool
+    tol: float = 1.0  # RANSAC tolerance (work px): the precision of the matched points
 
     @property
     def inliers(self) -> int:
@@ -39,7 +40,7 @@ class Matches:
         """The matches of a mirrored search with moving points in the original image's px."""
         moving = self.moving.copy()
         moving[:, 0] = width - 1 - moving[:, 0]
-        return Matches(self.fixed, moving, None, self.inlier)
+        return Matches(self.fixed, moving, None, self.inlier, self.tol)
 
 
 def _u8(feature: np.ndarray, scale: float) -> np.ndarray:
@@ -75,7 +76,7 @@ def match_features(
 
 
 def _match(pf, df, pm, dm, tol: float) -> Matches:
-    empty = Matches(np.zeros((0, 2)), np.zeros((0, 2)), None, np.zeros(0, bool))
+    empty = Matches(np.zeros((0, 2)), np.zeros((0, 2)), None, np.zeros(0, bool), tol)
     if df is None or dm is None or len(df) < 2 or len(dm) < 2:
         return empty
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(df, dm, k=2)
@@ -88,5 +89,5 @@ def _match(pf, df, pm, dm, tol: float) -> Matches:
         a, b, method=cv2.RANSAC, ransacReprojThreshold=tol, maxIters=5000, confidence=0.999
     )
     if warp is None:
-        return Matches(a, b, None, np.zeros(len(a), bool))
-    return Matches(a, b, warp.astype(np.float32), inl.ravel().astype(bool))
+        return Matches(a, b, None, np.zeros(len(a), bool), tol)
+    return Matches(a, b, warp.astype(np.float32), inl.ravel().astype(bool), tol)

@@ -2,8 +2,8 @@
 
 Each slide becomes one thumbnail at the working resolution with a shared stain channel (the
 `feature`: hematoxylin optical density by default, H&E matrix for the fixed slide, H-DAB for
-the moving one), zero outside a tissue mask (total OD; pen ink, specks and bubble outlines
-removed). Warps are OpenCV 2x3 matrices mapping fixed pixels to moving pixels.
+the moving one; zero under pen ink) and a tissue mask (total OD; pen ink, specks and bubble
+outlines removed). Warps are OpenCV 2x3 matrices mapping fixed pixels to moving pixels.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def prepare(
         if cfg.channel == "hematoxylin+dab" and "dab" in mat.names:
             chan = chan + amounts[..., mat.index("dab")]
     scale = float(np.percentile(chan[mask], 99)) or 1.0
-    feature = (np.clip(chan / scale, 0, 1.5) * mask).astype(np.float32)
+    # not cut to the mask: pale IHC tissue (little hematoxylin, no DAB) falls outside it, and
+    # holes of zeros would dominate the similarity; glass has ~no hematoxylin anyway
+    feature = np.clip(chan / scale, 0, 1.5).astype(np.float32)
     sx, sy = info["width"] / rgb.shape[1], info["height"] / rgb.shape[0]
     # thumbnail pixel i covers [i * s, (i + 1) * s) of level 0: its centre is (i + 0.5) s
     level0 = np.array([[sx, 0, 0.5 * sx], [0, sy, 0.5 * sy], [0, 0, 1]])

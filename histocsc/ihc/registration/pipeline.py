@@ -31,6 +31,7 @@ from histocsc.ihc.registration.images import (
     array_thumb,
     flipped,
     full_map,
+    plausible,
     pose_score,
     prepare,
     slide_thumb,
@@ -38,13 +39,7 @@ from histocsc.ihc.registration.images import (
 from histocsc.ihc.registration.overlay import overlay
 from histocsc.ihc.registration.qc import assess
 from histocsc.ihc.registration.refine import nonrigid, refine_affine
-from histocsc.ihc.registration.search import (
-    AGREE_UM,
-    FEATURE_WEIGHT,
-    choose,
-    feature_support,
-    hypotheses,
-)
+from histocsc.ihc.registration.search import choose, hypotheses, judge
 from histocsc.ihc.transform import Mapping, Transform, invert_mapping
 from histocsc.wsi.slide import Slide, open_slide
 
@@ -118,27 +113,27 @@ def register_images(
     factor = max(1.0, min(cfg.coarse_mpp / work_mpp, long_side / MIN_COARSE_PX))
     matches = match_features(fixed, original, work_mpp, cfg.feature_mpp, cfg.mirror)
     cands = hypotheses(fixed, original, factor, matches, cfg)
-    best = choose(fixed, original, factor, cands, matches, work_mpp, cfg, log)
+    best = choose(fixed, original, factor, cands, matches, cfg, log)
     moving = flipped(original) if best.mirrored else original
-    # 2. affine refinement, never worse than identity
+    # 2. affine refinement, kept if it judges better; never worse than identity
     warp = refine_affine(
         _with_mask(fixed, cfg.mask_weight), _with_mask(moving, cfg.mask_weight),
         best.warp, factor, work_mpp, cfg, log,
     )  # fmt: skip
-    score = pose_score(fixed.feature, moving.feature, warp)
-    start = pose_score(fixed.feature, moving.feature, best.warp)
-    found, tol = matches.get(best.mirrored), AGREE_UM / work_mpp
-    gain = FEATURE_WEIGHT * (
-        feature_support(warp, found, 1.0, tol) - feature_support(best.warp, found, 1.0, tol)
+    found = matches.get(best.mirrored)
+    judged, start = (
+        judge(fixed.feature, moving.feature, w, found, 1.0)[0] for w in (warp, best.warp)
     )
-    if start > score + gain:
-        log.append(f"the refinement lowered the score ({start:.3f} -> {score:.3f}): start kept")
-        warp, score = best.warp, start
-    identity = pose_score(fixed.feature, original.feature, IDENTITY)
-    log.append(f"affine score {score:.3f} (identity {identity:.3f})")
-    if score < identity:
-        log.append("the fit scores below identity: identity kept")
-        moving, warp, score, best.mirrored = original, IDENTITY.copy(), identity, False
+    if start > judged or not plausible(warp, cfg.max_scale_change):
+        log.append(f"the refinement judged worse ({start:.3f} -> {judged:.3f}): start kept")
+        warp, judged = best.warp, start
+    identity_ncc = pose_score(fixed.feature, original.feature, IDENTITY)
+    identity = judge(fixed.feature, original.feature, IDENTITY, matches.get(False), 1.0)[0]
+    log.append(f"affine judged {judged:.3f} (identity {identity:.3f})")
+    if judged < identity:
+        log.append("the fit judges below identity: identity kept")
+        moving, warp, best.mirrored = original, IDENTITY.copy(), False
+    score = pose_score(fixed.feature, moving.feature, warp)
 
     def failure(reason: str) -> RegistrationFailure:
         shown = overlay(fixed, moving, warp, None, cfg.overlay_px, f"FAILED: {reason}")
@@ -165,7 +160,11 @@ def register_images(
     maps = full_map(warp, flow, fixed.feature.shape)
     error = assess(fixed, moving, maps, matches.get(best.mirrored), work_mpp, cfg)
     error.update(
-        {"ncc_identity": round(identity, 4), "ncc_affine": round(score, 4), "ncc": round(final, 4)}
+        {
+            "ncc_identity": round(identity_ncc, 4),
+            "ncc_affine": round(score, 4),
+            "ncc": round(final, 4),
+        }
     )
     error["initial_pose"] = best.name
     transform = to_transform(fixed, moving, warp, flow, work_mpp, cfg, error)

@@ -4,7 +4,9 @@ ECC (Evangelidis & Psarakis 2008, `cv2.findTransformECC`) maximises the correlat
 two channels; OpenCV warps a validity mask of the moving image with it, so crops that overlap
 only partly are fitted on their overlap. The non-rigid step is OpenCV Farneback optical flow
 between the aligned images, smoothed by a tissue-weighted Gaussian (`smooth_um`), kept only if
-the similarity does not drop.
+the similarity does not drop. Beyond the moving frame the moved image is filled with the fixed
+one (no false edge for the flow), and the displacement there is extended from the nearby
+tissue rather than dropped to zero.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from histocsc.ihc.registration.images import (
     rescale_warp,
     resize,
 )
+
+EXTEND = 3.0  # beyond the tissue, the displacement comes from this x wider smoothing
 
 
 def ecc(
@@ -94,6 +98,9 @@ def nonrigid(
     for it in range(cfg.nonrigid_iterations):
         maps = full_map(warp, flow, shape)
         moved = remap(moving.feature, maps)
+        # where the moving frame does not reach, show the flow the fixed image: no false edge
+        cover = remap(np.ones(shape, np.float32), maps) > 0.99
+        moved = np.where(cover, moved, fixed.feature)
         moved_mask = remap(moving.mask.astype(np.float32), maps) > 0.5
         b = _to_u8(cv2.GaussianBlur(moved, (0, 0), blur))
         step = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 4, window, 5, 7, 1.5, 0)
@@ -109,13 +116,23 @@ def nonrigid(
 
 
 def _smooth_flow(flow: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Tissue-weighted Gaussian smoothing; where the weight runs out (e.g. beyond the moving
+    frame) the displacement continues from a wider smoothing, then fades to zero."""
+    near, trust = _weighted_blur(flow, weight, sigma)
+    far, far_trust = _weighted_blur(flow, weight, EXTEND * sigma)
+    return near * trust + far * far_trust * (1 - trust)
+
+
+def _weighted_blur(
+    flow: np.ndarray, weight: np.ndarray, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised convolution of the flow, how much weight backs it: 0-1), per pixel."""
     wsum = cv2.GaussianBlur(weight, (0, 0), sigma) + 1e-6
     out = np.empty_like(flow)
     for k in range(2):
         out[..., k] = cv2.GaussianBlur(flow[..., k] * weight, (0, 0), sigma) / wsum
-    # far from tissue the weight vanishes: fade to zero displacement there
-    fade = np.clip(wsum / max(float(wsum.max()), 1e-6) * 4, 0, 1)
-    return out * fade[..., None]
+    trust = np.clip(wsum / max(float(wsum.max()), 1e-6) * 4, 0, 1)
+    return out, trust[..., None]
 
 
 def _to_u8(img: np.ndarray) -> np.ndarray:

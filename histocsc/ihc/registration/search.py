@@ -36,8 +36,8 @@ from histocsc.ihc.registration.images import (
 TEMPLATE_PART = 0.5  # side of the moving centre part matched in the sweep (fraction)
 MIN_FEATURE_INLIERS = 8  # a feature hypothesis needs this many RANSAC inliers
 STRONG_FEATURES = 12  # from this many inliers, agreeing with the features adds to the score
-FEATURE_WEIGHT = 0.2  # score bonus of a pose that agrees with all strong feature inliers
-AGREE_UM = 60.0  # a feature match agrees with a pose within this
+FEATURE_WEIGHT = 1.0  # score bonus of a pose that agrees with all strong feature inliers
+AGREE_TOL = 2.0  # a feature match agrees with a pose within this x its RANSAC tolerance
 
 
 @dataclass
@@ -138,14 +138,24 @@ def _apart(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
     return bool(np.abs(a @ pts - b @ pts).max() > tol)
 
 
-def feature_support(warp: np.ndarray, matches: Matches | None, factor: float, tol: float) -> float:
-    """Share of strong RANSAC feature inliers a coarse warp maps within `tol` coarse px (else 0)."""
+def feature_support(warp: np.ndarray, matches: Matches | None, factor: float) -> float:
+    """Share of strong RANSAC feature inliers a warp at downsample `factor` maps within
+    AGREE_TOL x their RANSAC tolerance (0 without strong evidence)."""
     if matches is None or matches.inliers < STRONG_FEATURES:
         return 0.0
+    tol = max(1.0, AGREE_TOL * matches.tol / factor)
     pf = (matches.fixed[matches.inlier] + 0.5) / factor - 0.5
     pm = (matches.moving[matches.inlier] + 0.5) / factor - 0.5
     mapped = pf @ np.asarray(warp, float)[:, :2].T + np.asarray(warp, float)[:, 2]
     return float(np.mean(np.linalg.norm(mapped - pm, axis=1) <= tol))
+
+
+def judge(
+    fixed: np.ndarray, moving: np.ndarray, warp: np.ndarray, matches: Matches | None, factor: float
+) -> tuple[float, float]:
+    """(`pose_score` + FEATURE_WEIGHT x feature support, the support) of a warp."""
+    support = feature_support(warp, matches, factor)
+    return pose_score(fixed, moving, warp) + FEATURE_WEIGHT * support, support
 
 
 def choose(
@@ -154,13 +164,11 @@ def choose(
     factor: float,
     candidates: list[Candidate],
     matches: dict[bool, Matches],
-    work_mpp: float,
     cfg: RegistrationConfig,
     log: list[str],
 ) -> Candidate:
-    """Each candidate after a short ECC fit, scored by `pose_score` (+ FEATURE_WEIGHT x the
-    share of strong feature matches it agrees with); the best (work px warp)."""
-    tol = max(1.0, AGREE_UM / (work_mpp * factor))
+    """Each candidate, after a short ECC fit if that raises its `judge` score; the best
+    (work px warp)."""
     fs = search_image(fixed, factor)
     searched = {False: search_image(moving, factor)}
     if cfg.mirror:
@@ -168,21 +176,19 @@ def choose(
     criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 60, 1e-4)
     best: Candidate | None = None
     for cand in candidates:
-        ms = searched[cand.mirrored]
-        start = pose_score(fs, ms, cand.warp)
-        warp, score = cand.warp, start
+        ms, found = searched[cand.mirrored], matches.get(cand.mirrored)
+        warp, (score, support) = cand.warp, judge(fs, ms, cand.warp, found, factor)
+        start = score
         try:
             _, refined = cv2.findTransformECC(
                 fs, ms, cand.warp.astype(np.float32).copy(), cv2.MOTION_AFFINE, criteria, None, 1
             )
             if plausible(refined, cfg.max_scale_change):
-                s = pose_score(fs, ms, refined)
-                if s > score:
-                    warp, score = refined, s
+                judged = judge(fs, ms, refined, found, factor)
+                if judged[0] > score:
+                    warp, (score, support) = refined, judged
         except cv2.error:
             pass
-        support = feature_support(warp, matches.get(cand.mirrored), factor, tol)
-        score += FEATURE_WEIGHT * support
         log.append(
             f"candidate {cand.name} mirror {cand.mirrored}: {start:.3f} -> {score:.3f} "
             f"(features {support:.2f})"
@@ -192,4 +198,3 @@ def choose(
     assert best is not None  # identity is always there
     log.append(f"initial: {best.name} mirror {best.mirrored} score {best.score:.3f}")
     return Candidate(best.name, rescale_warp(best.warp, factor, 1.0), best.mirrored, best.score)
-
