@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from histocsc.ihc.registration import register, register_arrays
-from histocsc.ihc.registration.images import array_thumb
+from histocsc.ihc.registration import RegistrationConfig, register, register_arrays
+from histocsc.ihc.registration.images import array_thumb, prepare
 from histocsc.ihc.registration.pipeline import assess_transform
-from histocsc.ihc.transform import read_points_csv
+from histocsc.ihc.registration.qc import flag_roundtrip, inverse_consistency
+from histocsc.ihc.transform import Mapping, invert_mapping, read_points_csv
 from histocsc.synthetic.generate import make_case
 from histocsc.synthetic.pairs import (
     affine_fit_residual,
@@ -96,27 +98,60 @@ def test_broken_transforms_are_flagged(lung) -> None:
         assert error["poor"], error
 
 
-@pytest.mark.parametrize(("source", "seed"), [("lung", 3), ("kidney", 7), ("tcga", 5)])
+@pytest.mark.parametrize(
+    ("source", "seed"), [("lung", 3), ("kidney", 7), ("tcga", 5), ("tcga", 20), ("tcga", 107)]
+)
 def test_real_texture_pair(real_data: Path, source: str, seed: int) -> None:
-    """Crops of a real H&E, the moving one rotated / mirrored / warped / re-coloured as IHC."""
+    """Crops of a real H&E, the moving one rotated / mirrored / warped / re-coloured as IHC.
+
+    TCGA 20 and 107: the pale frozen section re-coloured as a faint IHC, where the image
+    similarity prefers wrong poses (190 / 250 px off before, worse than identity) while
+    hundreds of SIFT matches agree on the right one.
+    """
     rgb, mpp = real_sources(real_data)[source]
     pair = make_pair(rgb, mpp, np.random.default_rng(seed), size=320)
     result = register_arrays(pair.fixed, pair.moving, mpp, mpp)
     err = median_tre(result.transform, pair.fixed_points, pair.moving_points)
     assert err / (result.transform.working_mpp / mpp) <= 2.0, (err, pair.meta)
     assert err < identity_error(pair)
+    assert not result.poor, result.error
 
 
-def test_fill_frame_phantom(tmp_path: Path) -> None:
-    case = make_case(tmp_path, "case000", seed=21, size_px=1024, mpp=4.0, markers=("CD44",),
+@pytest.mark.parametrize(("seed", "marker"), [(21, "CD44"), (51, "CD133")])
+def test_fill_frame_phantom(tmp_path: Path, seed: int, marker: str) -> None:
+    """Seed 51: p95 17 µm before the flow stopped seeing the moving frame's edge as tissue."""
+    case = make_case(tmp_path, "case000", seed=seed, size_px=1024, mpp=4.0, markers=(marker,),
                      fill_frame=True)  # fmt: skip
     truth = load_truth(case)
     he = np.asarray(Image.open(case / "mask_tissue.png"))
     assert (he > 0).mean() > 0.95  # tissue fills the frame
-    result = register(truth["he"]["path"], truth["markers"]["CD44"]["ihc"]["path"])
-    pairs = landmarks(truth, "CD44")
+    result = register(truth["he"]["path"], truth["markers"][marker]["ihc"]["path"])
+    pairs = landmarks(truth, marker)
     errors_um = np.linalg.norm(result.transform.to_moving(pairs[:, :2]) - pairs[:, 2:], axis=1) * 4
     assert np.median(errors_um) <= 5.0 and np.percentile(errors_um, 95) <= 15.0, errors_um
+
+
+def test_inverse_that_does_not_return_is_flagged(lung) -> None:
+    """The stored inverse of a folding displacement field does not undo it: poor."""
+    f, m, pf, pm, result = lung
+    tf = result.transform
+    wm = tf.working_mpp
+    fixed = prepare(*array_thumb(f, 5.0, wm, "fixed"), "H&E", RegistrationConfig(), wm)
+    good = inverse_consistency(tf, fixed, wm)
+    assert good["roundtrip_um_p95"] < wm
+    rows, cols, spacing = 40, 40, 40.0
+    gy, gx = np.mgrid[0:rows, 0:cols] * spacing
+    fold = 60.0 * np.sin(gx / 50.0)  # displacement slope 1.2: the map folds over
+    disp = np.stack([fold, np.zeros_like(fold)]).astype(np.float32)
+    forward = Mapping(tf.fixed_to_moving.affine, disp, (0.0, 0.0), (spacing, spacing))
+    width, height = tf.moving["width"], tf.moving["height"]
+    folded = replace(
+        tf, fixed_to_moving=forward, moving_to_fixed=invert_mapping(forward, width, height, 40.0)
+    )
+    error = {"poor": False, "poor_reasons": []}
+    error.update(inverse_consistency(folded, fixed, wm))
+    flag_roundtrip(error, wm)
+    assert error["roundtrip_um_p95"] > wm and error["poor"], error
 
 
 # -- the command ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from histocsc.ihc.registration.images import (
     slide_thumb,
 )
 from histocsc.ihc.registration.overlay import overlay
-from histocsc.ihc.registration.qc import assess
+from histocsc.ihc.registration.qc import assess, flag_roundtrip, inverse_consistency
 from histocsc.ihc.registration.refine import nonrigid, refine_affine
 from histocsc.ihc.registration.search import choose, hypotheses, judge
 from histocsc.ihc.transform import Mapping, Transform, invert_mapping
@@ -169,6 +169,8 @@ def register_images(
     error["initial_pose"] = best.name
     transform = to_transform(fixed, moving, warp, flow, work_mpp, cfg, error)
     transform.meta["mirrored"] = best.mirrored
+    error.update(inverse_consistency(transform, fixed, work_mpp))  # transform.error is `error`
+    flag_roundtrip(error, work_mpp)
     banner = "POOR: " + "; ".join(error["poor_reasons"]) if error["poor"] else ""
     shown = overlay(fixed, moving, warp, flow, cfg.overlay_px, banner)
     return RegistrationResult(transform, error, shown, error["poor"], log)

@@ -10,10 +10,12 @@
   without the final transform; how many of the RANSAC inliers the final transform maps within
   `AGREE_UM`, and their residual.
 - Tissue overlap within the common frame.
+- Inverse consistency: fixed tissue points mapped to the moving slide and back through the
+  stored inverse (`transform.json` holds both directions) must return where they started.
 
 `poor` when there are too few clear blocks, their median shift exceeds `poor_error_um`, the
 tissue overlaps poorly (unless many feature inliers confirm the pose), or many feature inliers
-disagree with the final transform.
+disagree with the final transform, or the inverse does not return to the start.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from histocsc.ihc.registration.config import RegistrationConfig
 from histocsc.ihc.registration.features import Matches
 from histocsc.ihc.registration.images import SectionImage, remap
+from histocsc.ihc.transform import Transform
 
 BLOCK_UM = 400.0  # block side
 MIN_BLOCK_PX = 48  # ... and at least this many px, so a block holds some structure
@@ -40,6 +43,8 @@ AGREE_UM = 60.0  # a feature match agrees with the transform within this
 STRONG_FEATURES = 12  # this many RANSAC inliers is strong evidence of a pose
 MIN_AGREE_FRACTION = 0.5  # poor: strong feature evidence, and fewer agree than this
 CONFIRM_FRACTION = 0.8  # strong feature evidence with this many agreeing confirms the pose
+MAX_ROUNDTRIP_PX = 1.0  # poor: fixed -> moving -> fixed misses by more (p95, work px)
+ROUNDTRIP_POINTS = 2000  # about this many fixed tissue points are sent there and back
 
 
 def assess(
@@ -161,3 +166,35 @@ def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, 
     if n >= STRONG_FEATURES and agree < MIN_AGREE_FRACTION * n:
         why.append(f"{n - agree} of {n} feature matches disagree with the transform")
     return bool(why), why
+
+
+def inverse_consistency(
+    transform: Transform, fixed: SectionImage, work_mpp: float
+) -> dict[str, Any]:
+    """Fixed tissue points -> moving -> fixed through the stored inverse: the miss (µm).
+
+    Flags (in place of a second, moving -> fixed registration) an inverse that does not undo
+    the forward map, e.g. a folding displacement field.
+    """
+    ys, xs = np.nonzero(fixed.mask)
+    step = max(1, len(xs) // ROUNDTRIP_POINTS)
+    pts = np.column_stack([xs[::step], ys[::step], np.ones(len(xs[::step]))]) @ fixed.level0[:2].T
+    moved = transform.to_moving(pts)
+    w, h = transform.moving["width"], transform.moving["height"]
+    inside = (moved[:, 0] >= 0) & (moved[:, 0] <= w) & (moved[:, 1] >= 0) & (moved[:, 1] <= h)
+    if not inside.any():
+        return {"roundtrip_um_p95": None}
+    back = transform.to_fixed(moved[inside])
+    level0_mpp = work_mpp / float(fixed.level0[0, 0])
+    miss = np.linalg.norm(back - pts[inside], axis=1) * level0_mpp
+    return {"roundtrip_um_p95": round(float(np.percentile(miss, 95)), 3)}
+
+
+def flag_roundtrip(error: dict[str, Any], work_mpp: float) -> None:
+    """Add the inverse-consistency reason to `error` (in place) when the inverse misses."""
+    miss = error.get("roundtrip_um_p95")
+    if miss is not None and miss > MAX_ROUNDTRIP_PX * work_mpp:
+        error["poor"] = True
+        error["poor_reasons"].append(
+            f"the inverse transform misses by {miss} µm (p95) on the way back"
+        )
