@@ -3,9 +3,11 @@
 1. One thumbnail per slide at the working resolution (`work_mpp`, finer for small sections;
    never finer than the slides) with a shared stain channel (`images`).
 2. Initial pose from several hypotheses judged by image similarity (`search`, `features`).
-3. Affine refinement by ECC coarse to fine, kept only if it scores at least as well as
-   identity; optional smooth non-rigid refinement (`refine`).
-4. Error estimate and `poor` flag from independent evidence (`qc`); overlay.png (`overlay`).
+3. Affine refinement by ECC coarse to fine, kept only if it judges (similarity + agreement
+   with strong feature evidence, `search.judge`) at least as well as the start pose; identity
+   replaces a fit that judges below it; optional smooth non-rigid refinement (`refine`).
+4. Error estimate and `poor` flag from independent evidence, including the round trip
+   through the stored inverse (`qc`); overlay.png (`overlay`).
 
 Sections that do not match (similarity after the affine fit below `min_ncc`, an implausible
 scale) raise RegistrationFailure naming both files, with an overlay of what was tried.

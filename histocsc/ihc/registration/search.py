@@ -9,10 +9,15 @@ left-right flipped image, so every warp stays a proper rotation):
   cross-correlation (OpenCV matchTemplate) of the rotated central part of the moving section
   against the fixed one, so crops that overlap only partly are found too.
 
-Each is refined by a short OpenCV ECC affine fit at the search resolution and scored by
-`pose_score` (NCC of the blurred channel where the frames overlap), plus a bonus for agreeing
-with strong SIFT evidence (many RANSAC inliers); the best wins. Identity
-is always a candidate, so the chosen pose never scores worse than doing nothing.
+Each is judged (`judge`) by `pose_score` (NCC of the blurred channel where the frames
+overlap) plus FEATURE_WEIGHT x the share of strong SIFT evidence (>= STRONG_FEATURES RANSAC
+inliers) it maps within twice their RANSAC tolerance. A short OpenCV ECC affine fit at the
+search resolution is kept only if it raises that judgement, so ECC cannot drift off a pose the
+features pin down; the best wins. Strong feature evidence outweighs the similarity on purpose:
+on pale or faint sections (a frozen section re-coloured as IHC) the NCC of a wrong pose can
+exceed the right one's, while hundreds of matches agreeing on one similarity do not happen by
+chance. Identity is always a candidate, so the chosen pose never judges worse than doing
+nothing.
 """
 
 from __future__ import annotations
