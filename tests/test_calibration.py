@@ -12,9 +12,7 @@ import torch
 
 from histocsc.learn.calibration import (
     DEFAULT_THRESHOLD,
-    MIN_CLASS_TILES,
     calibration_report,
-    choose_threshold,
     ece,
     fit_calibration,
     fit_scaling,
@@ -53,18 +51,20 @@ def test_a_shift_of_the_logits_is_fitted_and_removed() -> None:
     assert report["M"]["ece"] < 0.02 < report["M"]["ece_uncalibrated"]
 
 
-def test_threshold_rule_falls_back_with_few_positives() -> None:
-    probs = torch.tensor([0.9] * (MIN_CLASS_TILES - 1) + [0.05] * 500)
-    target = torch.tensor([1] * (MIN_CLASS_TILES - 1) + [0] * 500)
-    threshold, rule = choose_threshold(probs, target)
-    assert threshold == DEFAULT_THRESHOLD and "default" in rule
-    # enough positives: the F1-best cut, in the middle (logits) of the gap 0.3 .. 0.6
-    probs = torch.cat([torch.full((200,), 0.6), torch.full((800,), 0.3)])
-    target = torch.cat([torch.ones(200), torch.zeros(800)]).long()
-    threshold, rule = choose_threshold(probs, target)
-    middle = 1 / (1 + math.exp(-(math.log(0.6 / 0.4) + math.log(0.3 / 0.7)) / 2))
-    assert threshold == pytest.approx(middle, abs=1e-4) and 0.3 < threshold < 0.6
-    assert "F1" in rule
+def test_threshold_is_the_calibrated_half_whatever_the_validation_gap() -> None:
+    # separable validation with a wide gap: an F1-best cut could sit anywhere in it (the old
+    # rule gave its logit middle, ~0.05 here); the calibrated 0.5 does not follow the gap
+    logits = torch.cat([torch.linspace(1, 6, 100), torch.linspace(-9, -5, 400)])[:, None]
+    target = torch.cat([torch.ones(100), torch.zeros(400)]).to(torch.int8)[:, None]
+    cal = fit_calibration(["M"], logits, target)["M"]
+    assert cal.threshold == DEFAULT_THRESHOLD == 0.5
+    assert cal.rule.startswith("calibrated 0.5") and "100 positive / 400 negative" in cal.rule
+    # positives below the threshold stay few: calibration put the gap around 0.5, not below
+    probs = cal.apply(logits[:, 0])
+    assert float(probs[:100].min()) > 0.3 and float(probs[100:].max()) < 0.3
+    # one class only: nothing to calibrate on, and the rule says so
+    alone = fit_calibration(["M"], logits[100:], target[100:])["M"]
+    assert (alone.temperature, alone.shift) == (1.0, 0.0) and alone.rule.startswith("uncalibrated")
 
 
 def test_separable_validation_keeps_a_finite_temperature() -> None:

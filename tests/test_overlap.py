@@ -92,3 +92,27 @@ def test_infer_with_overlap_blends_and_reruns_only_when_the_stride_changes(
     assert plain["inference"]["overlap"] == 0.0 and plain["tiles"] < len(rows) / 3
     code, output = infer([*args, "--overlap", "1.5"])
     assert code == 1 and "--overlap" in output
+
+
+def test_summary_areas_follow_the_blended_cells() -> None:
+    # three half-overlapping tiles in a row; only the middle one is positive. Per tile, a third of
+    # the tissue is above 0.5; on the blended heatmap no cell is (each cell it covers is the
+    # mean of it and a negative neighbour, 0.45), so the summary must say 0.
+    from histocsc.predict.outputs import summarise
+
+    tiles = lattice([(0, 0), (0, 1), (0, 2)], step=50, size=100)
+    probs = np.array([[0.0], [0.9], [0.0]], np.float32)
+    grid = blend_grid(tiles, probs)
+    tissue = blend_grid(tiles, tiles.tissue_fraction[:, None].astype(np.float32))[..., 0]
+    by_tile = summarise(tiles, probs, ["M"], {"M": 0.5})["markers"]["M"]
+    by_cell = summarise(tiles, probs, ["M"], {"M": 0.5}, grid, tissue)["markers"]["M"]
+    assert by_tile["area_fraction_above_threshold"] == pytest.approx(1 / 3)
+    assert by_cell["area_fraction_above_threshold"] == 0.0
+    assert by_cell["tiles_above_threshold"] == 1
+    # a cell covered by two positive tiles counts, weighted by its share of the covered cells
+    probs = np.array([[0.0], [0.9], [0.9]], np.float32)
+    grid = blend_grid(tiles, probs)
+    cells = summarise(tiles, probs, ["M"], {"M": 0.5}, grid, tissue)["markers"]["M"]
+    covered = np.isfinite(grid[..., 0])
+    expected = float((grid[..., 0][covered] >= 0.5).sum()) / covered.sum()
+    assert cells["area_fraction_above_threshold"] == pytest.approx(expected) and expected > 0

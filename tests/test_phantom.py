@@ -235,3 +235,15 @@ def test_truth_paths_are_absolute_from_a_relative_case_dir(
     truth = load_truth(Path("rel"))
     assert Path(truth["he"]["path"]).is_absolute() and Path(truth["he"]["path"]).is_file()
     assert load_mask(truth, "CD133").ndim == 2
+
+
+def test_every_marker_appears_alone_in_a_case() -> None:
+    """The second stem-like region is CD44 only, the third CD133 only: a cohort where CD133 only
+    ever sits beside CD44 cannot teach an H&E model the CD133 signature on its own."""
+    from histocsc.synthetic.layout import make_layout
+
+    for seed in (11, 12, 13):
+        layout = make_layout(np.random.default_rng(seed), 3072, 3072, 1.0, markers=MARKERS)
+        flags = [tuple(r.markers) for r in layout.stem_regions]
+        assert len(flags) >= 3, f"seed {seed}: too few regions to check"
+        assert flags[0] == MARKERS and flags[1] == ("CD44",) and flags[2] == ("CD133",)

@@ -98,7 +98,8 @@ def write_outputs(
     plot_stem_map(out_dir / STEM_MAP, thumbnail, thumb_mpp, tiles, grid, markers, thresholds,
                   slide_info.get("name", ""))
     files.append(STEM_MAP)
-    summary = summarise(tiles, probs, markers, thresholds)
+    tissue_grid = blend_grid(tiles, tiles.tissue_fraction[:, None].astype(np.float32))[..., 0]
+    summary = summarise(tiles, probs, markers, thresholds, grid, tissue_grid)
     return {"slide": slide_info, **summary, "model": model, "inference": inference_params(tiles),
             "timings_s": timings, "outputs": files}
 
@@ -182,34 +183,45 @@ def write_geojson(
 
 
 def summarise(
-    tiles: Tiles, probs: np.ndarray, markers: list[str], thresholds: dict[str, float]
+    tiles: Tiles, probs: np.ndarray, markers: list[str], thresholds: dict[str, float],
+    grid: np.ndarray | None = None, tissue_grid: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Tissue area, and per marker: mean probability and area fraction above threshold."""
+    """Tissue area, and per marker: mean probability, tiles above threshold and the share of the
+    tissue above threshold. With the heatmap's score grid (and the tissue fraction blended the
+    same way) the share is read from its cells, as the heatmap shows it; without overlap the cells
+    are the tiles and both ways agree."""
     cell_mm2 = float((tiles.step * tiles.slide_mpp) ** 2) / 1e6
     weight = np.asarray(tiles.tissue_fraction, np.float64) * cell_mm2
     tissue_mm2 = float(weight.sum())
+    scores = probs
+    if grid is not None and tissue_grid is not None:
+        covered = np.isfinite(tissue_grid)
+        weight, scores = np.where(covered, tissue_grid, 0.0).ravel(), grid.reshape(-1, len(markers))
+    total = float(weight.sum())
+
+    def share(positive: np.ndarray) -> float:
+        return float(weight[positive].sum()) / total if total else 0.0
+
     per_marker = {}
-    any_pos = np.zeros(len(probs), bool)
+    any_pos = np.zeros(len(scores), bool)
     for j, m in enumerate(markers):
-        pos = probs[:, j] >= thresholds[m]
+        pos = np.nan_to_num(scores[:, j], nan=0.0) >= thresholds[m]
         any_pos |= pos
-        area = float(weight[pos].sum())
         per_marker[m] = {
             "threshold": thresholds[m],
             "mean_probability": float(probs[:, j].mean()) if len(probs) else None,
-            "tiles_above_threshold": int(pos.sum()),
-            "area_above_threshold_mm2": area,
-            "area_fraction_above_threshold": area / tissue_mm2 if tissue_mm2 else 0.0,
+            "tiles_above_threshold": int((probs[:, j] >= thresholds[m]).sum()),
+            "area_above_threshold_mm2": share(pos) * tissue_mm2,
+            "area_fraction_above_threshold": share(pos),
         }
-    stem_area = float(weight[any_pos].sum())
     return {
         "tiles": int(len(probs)),
         "tissue_area_mm2": tissue_mm2,
         "markers": per_marker,
         "stem_like": {
-            "definition": "tiles above threshold for at least one marker",
-            "area_mm2": stem_area,
-            "area_fraction": stem_area / tissue_mm2 if tissue_mm2 else 0.0,
+            "definition": "tissue above threshold for at least one marker",
+            "area_mm2": share(any_pos) * tissue_mm2,
+            "area_fraction": share(any_pos),
         },
     }
 

@@ -335,12 +335,17 @@ def marker_signatures(markers: tuple[str, ...]) -> dict[str, str]:
 
 
 def _marker_flags(rng: np.random.Generator, markers: tuple[str, ...], i: int) -> tuple[str, ...]:
-    """Markers a stem-like region expresses: the first all, the second only the broadest one,
-    then mostly all (65 %), the broadest alone (20 %) or one at random (15 %); never none."""
+    """Markers a stem-like region expresses: the first all, the second only the broadest one, the
+    third only the narrowest one (so that a cohort shows every signature without the others: a
+    marker seen only together with another cannot be told apart from it on H&E), then mostly all
+    (65 %), the broadest alone (20 %) or one at random (15 %); never none."""
     roll = rng.random()
     if len(markers) <= 1:
         return tuple(markers)
     broad = max(markers, key=lambda m: BREADTH.get(m, DEFAULT_BREADTH))
+    if i == 2:
+        rest = [m for m in markers if m != broad]
+        return (min(rest, key=lambda m: BREADTH.get(m, DEFAULT_BREADTH)),)
     if i == 0 or (i > 1 and roll < 0.65):
         return tuple(markers)
     if i == 1 or roll < 0.85:
