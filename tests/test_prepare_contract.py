@@ -125,7 +125,7 @@ def test_shard_prepares_every_nth_case(tmp_path: Path) -> None:
                                    "--shard", "2/2").output
 
 
-def test_ctrl_c_stops_prepare_promptly(tmp_path: Path) -> None:
+def test_ctrl_c_stops_prepare_promptly(tmp_path: Path, ctrl_c_able: dict) -> None:
     """A real SIGINT once the first cases run: no new case starts after it."""
     make_cohort(tmp_path / "ph", 1, size_px=2048, mpp=1.0, seed=3)
     he, ihc = tmp_path / "ph" / "case000" / "case000_HE.tiff", tmp_path / "ph" / "case000"
@@ -137,7 +137,7 @@ def test_ctrl_c_stops_prepare_promptly(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "histocsc", "prepare", "--cohort", str(table), "--out", str(out),
          "--workers", "2", "--tiles-config", str(tmp_path / "tiles.yaml")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **ctrl_c_able)
     deadline = time.monotonic() + 300
     while not list(out.glob("case*/")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no case started"

@@ -75,14 +75,15 @@ def test_bad_value_names_the_command_line_not_the_config_file(svs: Path, tmp_pat
     assert "tiles.yaml" not in res.output
 
 
-def test_ctrl_c_removes_the_temporary_tile_store(svs: Path, tmp_path: Path) -> None:
+def test_ctrl_c_removes_the_temporary_tile_store(svs: Path, tmp_path: Path,
+                                                 ctrl_c_able: dict) -> None:
     """A real SIGINT while the worker processes fill the tile store."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "histocsc", "tiles", str(svs), "--out", str(out), "--save-images",
          "--tile-px", "64", "--mpp", "0.25", "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **ctrl_c_able)
     deadline = time.monotonic() + 240
     while not list(out.glob("*/.tiles.*.tmp.npy")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no temporary tile store appeared"
