@@ -343,3 +343,22 @@ def test_cli_trains_and_reports_bad_config_in_one_line(cohort: Path, tmp_path: P
     assert ok.exit_code == 0, ok.output
     assert "test CD133: AUROC" in ok.output
     assert (out / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_metrics_survive_a_marker_with_every_tile_ignored() -> None:
+    """A test case whose CD44 registration was flagged has every CD44 label -1: training must
+    still report CD133 (it used to fail in torchmetrics after the last epoch) and NaN for CD44."""
+    import math
+
+    import torch
+
+    from histocsc.learn.module import MarkerMetrics
+
+    metrics = MarkerMetrics(["CD133", "CD44"])
+    probs = torch.tensor([[0.1, 0.5], [0.4, 0.5], [0.35, 0.5], [0.8, 0.5], [0.9, 0.5]])
+    target = torch.tensor([[0, -1], [0, -1], [1, -1], [1, -1], [-1, -1]], dtype=torch.int8)
+    metrics.update(torch.logit(probs), target)
+    out = metrics.compute()
+    assert out["CD133"]["auroc"] == pytest.approx(0.75)  # 3 of the 4 pairs ranked right
+    assert out["CD133"]["positive"] == 2 and out["CD133"]["negative"] == 2
+    assert math.isnan(out["CD44"]["auroc"]) and out["CD44"]["positive"] == 0

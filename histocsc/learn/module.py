@@ -5,7 +5,6 @@ test."""
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import lightning as L
@@ -13,9 +12,9 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import (
+    binary_auroc,
     binary_average_precision,
     binary_roc,
-    multilabel_auroc,
 )
 
 from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_model
@@ -74,15 +73,17 @@ class MarkerMetrics(Metric):
 
 
 def masked_auroc(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """AUROC per marker (column) over the tiles labelled for it (target -1 is ignored);
-    torchmetrics gives 0 where a marker lacks a class, which `compute` reports as NaN."""
-    if len(probs) == 0:
-        return torch.zeros(probs.shape[1])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*samples in (targets|target)")
-        return multilabel_auroc(
-            probs, target.long(), probs.shape[1], average=None, ignore_index=-1
-        )
+    """AUROC per marker (column) over the tiles labelled for it (target -1 is ignored); 0 where
+    a marker lacks a class among them (`compute` reports that as NaN). Column by column:
+    torchmetrics' multilabel AUROC fails outright on a column whose every tile is ignored (a
+    test case whose marker registration was flagged)."""
+    out = torch.zeros(probs.shape[1], device=probs.device)
+    for j in range(probs.shape[1]):
+        keep = target[:, j] >= 0
+        t = target[keep, j].long()
+        if 0 < int(t.sum()) < len(t):
+            out[j] = binary_auroc(probs[keep, j], t)
+    return out
 
 
 def _cat(items: Any, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
