@@ -9,6 +9,7 @@ mirrored match in the flipped image's px).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -20,6 +21,7 @@ RATIO = 0.8  # Lowe's ratio test
 RANSAC_PX = 2.0  # RANSAC tolerance, px at the feature resolution
 MAX_KEYPOINTS = 2000
 MIN_FEATURE_PX = 320  # small sections are matched at a finer resolution to keep this many px
+SCALE_RANGE = (0.5, 2.0)  # a similarity outside it is no pose of a serial section
 
 
 @dataclass
@@ -81,13 +83,24 @@ def _match(pf, df, pm, dm, tol: float) -> Matches:
         return empty
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(df, dm, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
-    if len(good) < 3:
+    # one match per point pair: SIFT puts several keypoints (orientations) on one spot, and
+    # copies of one match would outvote real ones in RANSAC
+    seen: set[tuple[int, ...]] = set()
+    unique = []
+    for g in sorted(good, key=lambda g: g.distance):
+        key = (*np.round(pf[g.queryIdx]).astype(int), *np.round(pm[g.trainIdx]).astype(int))
+        if key not in seen:
+            seen.add(key)
+            unique.append(g)
+    if len(unique) < 3:
         return empty
-    a = pf[[g.queryIdx for g in good]].astype(np.float64)
-    b = pm[[g.trainIdx for g in good]].astype(np.float64)
+    a = pf[[g.queryIdx for g in unique]].astype(np.float64)
+    b = pm[[g.trainIdx for g in unique]].astype(np.float64)
     warp, inl = cv2.estimateAffinePartial2D(
         a, b, method=cv2.RANSAC, ransacReprojThreshold=tol, maxIters=5000, confidence=0.999
     )
-    if warp is None:
+    scale = math.sqrt(abs(float(np.linalg.det(warp[:, :2])))) if warp is not None else 0.0
+    if warp is None or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+        # e.g. every fixed point sent to one speck: scale 0, and "inliers" that mean nothing
         return Matches(a, b, None, np.zeros(len(a), bool), tol)
     return Matches(a, b, warp.astype(np.float32), inl.ravel().astype(bool), tol)
