@@ -184,19 +184,16 @@ def write_geojson(
 
 def summarise(
     tiles: Tiles, probs: np.ndarray, markers: list[str], thresholds: dict[str, float],
-    grid: np.ndarray | None = None, tissue_grid: np.ndarray | None = None,
+    grid: np.ndarray, tissue_grid: np.ndarray,
 ) -> dict[str, Any]:
     """Tissue area, and per marker: mean probability, tiles above threshold and the share of the
-    tissue above threshold. With the heatmap's score grid (and the tissue fraction blended the
-    same way) the share is read from its cells, as the heatmap shows it; without overlap the cells
-    are the tiles and both ways agree."""
+    tissue above threshold, read from the heatmap's score grid as the heatmap shows it (each cell
+    weighted by the tissue fraction blended the same way; without overlap the cells are the
+    tiles)."""
     cell_mm2 = float((tiles.step * tiles.slide_mpp) ** 2) / 1e6
-    weight = np.asarray(tiles.tissue_fraction, np.float64) * cell_mm2
-    tissue_mm2 = float(weight.sum())
-    scores = probs
-    if grid is not None and tissue_grid is not None:
-        covered = np.isfinite(tissue_grid)
-        weight, scores = np.where(covered, tissue_grid, 0.0).ravel(), grid.reshape(-1, len(markers))
+    tissue_mm2 = float(np.sum(tiles.tissue_fraction)) * cell_mm2
+    weight = np.nan_to_num(tissue_grid, nan=0.0).ravel()
+    scores = grid.reshape(-1, len(markers))
     total = float(weight.sum())
 
     def share(positive: np.ndarray) -> float:
