@@ -115,12 +115,13 @@ def register_marker(
     result.save(out_dir)
 
 
-def load_transform(path: Path) -> tuple[Any, dict[str, Any]]:
-    """(H&E -> IHC point map, the registration's error estimate) from transform.json."""
+def load_transform(path: Path) -> tuple[Any, dict[str, Any], Any]:
+    """(H&E -> IHC point map, the registration's error estimate, IHC -> H&E point map) from
+    transform.json."""
     from histocsc.ihc.transform import Transform
 
     transform = Transform.load(path)
-    return transform.to_moving, dict(transform.error)
+    return transform.to_moving, dict(transform.error), transform.to_fixed
 
 
 # -- one case ----------------------------------------------------------------------------------
@@ -150,8 +151,12 @@ def prepare_case(
     ihc_sums = {m: file_checksum(p) for m, p in ihc_paths.items()}
 
     tiles_key = _digest("tiles", cfgs.dump("tiles"), he_sum, he_mpp)
+    # the registration error limit follows the tiles the labels are for
+    limit_um = cfgs.label.error_limit_um(cfgs.tiles.tile_px * cfgs.tiles.mpp)
+    register_cfg = cfgs.register.model_copy(update={"poor_error_um": limit_um})
     register_keys = {
-        m: _digest("register", cfgs.dump("register"), he_sum, ihc_sums[m], he_mpp, ihc_mpp[m])
+        m: _digest("register", register_cfg.model_dump(mode="json"), he_sum, ihc_sums[m], he_mpp,
+                   ihc_mpp[m])
         for m in markers
     }
     case_key = _digest("labels", cfgs.dump("label"), tiles_key, register_keys)
@@ -184,22 +189,24 @@ def prepare_case(
                 and (reuse_existing or state.get(step) == register_keys[marker])
             ):
                 transform_path.unlink(missing_ok=True)  # never label from a stale transform
-                register_marker(case.he, ihc_paths[marker], reg_dir, cfgs.register, he_mpp,
+                register_marker(case.he, ihc_paths[marker], reg_dir, register_cfg, he_mpp,
                                 ihc_mpp[marker])
                 _record(case_dir, state, step, register_keys[marker])
-            he_to_ihc, error = load_transform(transform_path)
+            he_to_ihc, error, ihc_to_he = load_transform(transform_path)
             qc["registration_error_um"] = error.get("residual_um_median")
             qc["registration_error_um_p95"] = error.get("residual_um_p95")
             qc["registration_error_blocks"] = error.get("blocks")
             qc["registration_ncc"] = error.get("ncc")
             qc["registration_poor"] = error.get("poor")
             qc["tissue_overlap"] = error.get("tissue_overlap")
-            qc["registration_ok"], problem = _registration_ok(error, label_cfg)
+            qc["registration_confidence"] = error.get("confidence")
+            qc["registration_error_limit_um"] = round(limit_um, 2)
+            qc["registration_ok"], problem = _registration_ok(error, label_cfg, limit_um)
             if problem:
                 qc["error"] = f"{transform_path}: {problem}"
             marker_cfg = label_cfg.for_marker(marker)
             result = label_slide(xywh, grid.slide_mpp, ihc_paths[marker], he_to_ihc, marker_cfg,
-                                 ihc_mpp[marker])
+                                 ihc_mpp[marker], ihc_to_he, marker)
         except (RegistrationError, LabelError) as exc:
             qc["registration_ok"] = False
             qc["error"] = str(exc)
@@ -228,17 +235,23 @@ def prepare_case(
     return {**summary, "reused": False}
 
 
-def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str]:
+def _registration_ok(
+    error: dict[str, Any], cfg: LabelConfig, limit_um: float | None = None
+) -> tuple[bool, str]:
     """Whether a registration is good enough to label from, and why not.
 
     Uses the registration's own quality figures (`transform.json` "error"): the overlap of the
     aligned tissue masks (sections of another block overlap poorly), and the residual shift
     measured after alignment (`residual_um_median`), used only when it was measured on at least
-    `min_error_blocks` tissue blocks: on a few blocks it is dominated by outliers.
+    `min_error_blocks` tissue blocks: on a few blocks it is dominated by outliers. `limit_um`:
+    the error limit for these tiles (default: `cfg.error_limit_um` of 224 px at 0.5 µm/px).
     """
-    if error.get("poor"):
-        reasons = "; ".join(error.get("poor_reasons") or []) or "flagged poor"
-        return False, f"registration QC: {reasons}"
+    from histocsc.ihc.registration.qc import judge
+
+    limit = cfg.error_limit_um(112.0) if limit_um is None else limit_um
+    poor, why = judge(error, limit)
+    if poor:
+        return False, f"registration QC: {'; '.join(why) or 'flagged poor'}"
     overlap = error.get("tissue_overlap")
     error_um, blocks = error.get("residual_um_median"), int(error.get("blocks") or 0)
     if not isinstance(overlap, (int, float)) or overlap < cfg.min_tissue_overlap:
@@ -247,10 +260,10 @@ def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str
             f"{cfg.min_tissue_overlap}): sections of different blocks, or a failed alignment"
         )
     if blocks >= cfg.min_error_blocks and isinstance(error_um, (int, float)):
-        if error_um > cfg.max_registration_error_um:
+        if error_um > limit:
             return False, (
-                f"registration error estimate {error_um:.1f} µm exceeds "
-                f"max_registration_error_um {cfg.max_registration_error_um:g}"
+                f"registration error estimate {error_um:.1f} µm exceeds the limit {limit:g} µm "
+                "(max_registration_error_um, or max_registration_error_tile x the tile side)"
             )
     return True, ""
 
