@@ -50,9 +50,9 @@ class CellConfig(StrictModel):
 
     cell_mpp: float = Field(0.5, gt=0, description="µm/px at which cells are detected")
     nucleus_od_threshold: float = Field(0.1, ge=0, description="nucleus: detection OD above")
-    sigma_um: float = Field(0.5, ge=0, description="Gaussian smoothing of the detection image")
+    sigma_um: float = Field(0.25, ge=0, description="Gaussian smoothing of the detection image")
     background_radius_um: float = Field(8.0, ge=0, description="opening radius; 0: none")
-    split_um: float = Field(1.5, gt=0, description="watershed seeds at least this far apart")
+    split_um: float = Field(1.0, gt=0, description="watershed seeds at least this far apart")
     min_area_um2: float = Field(10.0, ge=0, description="smaller nuclei are dropped")
     max_area_um2: float = Field(400.0, gt=0, description="larger nuclei are dropped")
     cell_expansion_um: float = Field(5.0, ge=0, description="cell = nucleus grown by this")
@@ -120,6 +120,7 @@ def segment(
     `dab_offset`: the slide's non-specific DAB tint, subtracted from the DAB OD returned.
     """
     hema, dab = stain_channels(rgb)
+    dab = np.maximum(dab - dab_offset, 0)
     det = hema + dab if nuclear else hema
     if cfg.sigma_um > 0:
         det = cv2.GaussianBlur(det, (0, 0), cfg.sigma_um / mpp)
@@ -143,7 +144,7 @@ def segment(
     bad[0] = True
     nuclei[bad[nuclei]] = 0
     cells = expand_labels(nuclei, distance=cfg.cell_expansion_um / mpp)
-    return nuclei, cells, np.maximum(dab - dab_offset, 0)
+    return nuclei, cells, dab
 
 
 def measure(

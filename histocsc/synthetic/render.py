@@ -202,6 +202,7 @@ class SectionRenderer:
         coarse, h_var, e_var = smooth[..., 0], smooth[..., 1], smooth[..., 2]
 
         nuc, cyto, memb, rbc, clear, nucd = self._draw_cells(u, v, X0, Y0, W, H)
+        where = marker_compartment(sec.marker)
         # Irregular outlines: displace the drawn cells by a smooth field of about 0.5 um.
         amp = np.float32(0.6 * um)
         gx, gy = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
@@ -237,6 +238,8 @@ class SectionRenderer:
             dab = dab + memb * (1.5 + 0.8 * coarse)
             dab *= 1.0 - 0.6 * nuc_mask
             dab += nucd * (1.1 + 0.6 * coarse)  # nuclear marker: brown nuclei
+            if where == "cytoplasm":
+                dab += memb * (0.3 + 0.2 * coarse)  # cytoplasmic stain: the nuclei too
             dab += 0.2 * rbc
             terms = [(hx, self.v_hi), (dab, self.v_d)]
         for layer, _ in terms:
@@ -303,11 +306,13 @@ class SectionRenderer:
                     hw = (1.2 + 0.6 * cells[i, RAND]) * um
                     halo = (int((rx[i] + hw) * sc), int((ry[i] + hw) * sc))
                     cv2.ellipse(clear, c, halo, a, 0, 360, 255, -1, aa, SHIFT)
-                if pos[i] > 0 and where != "nuclear":
+                if pos[i] > 0 and where == "membrane":
                     val = int(255 * pos[i])
                     cv2.ellipse(memb, c, axes, a, 0, 360, int(val * 0.8), -1, aa, SHIFT)
-                    if where == "membrane":
-                        cv2.ellipse(memb, c, axes, a, 0, 360, val, memb_t, aa, SHIFT)
+                    cv2.ellipse(memb, c, axes, a, 0, 360, val, memb_t, aa, SHIFT)
+                elif pos[i] > 0 and where == "cytoplasm":  # the whole cell body, evenly
+                    body = (int(axes[0] * 1.2), int(axes[1] * 1.2))
+                    cv2.ellipse(memb, c, body, a, 0, 360, int(255 * pos[i]), -1, aa, SHIFT)
         for i in order:
             k = kinds[i]
             if k == RBC:
