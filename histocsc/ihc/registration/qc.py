@@ -47,6 +47,7 @@ MIN_AGREE_FRACTION = 0.5  # poor: strong feature evidence, and fewer agree than 
 CONFIRM_FRACTION = 0.8  # strong feature evidence with this many agreeing confirms the pose
 MAX_ROUNDTRIP_PX = 1.0  # poor: fixed -> moving -> fixed misses by more (p95, work px)
 ROUNDTRIP_POINTS = 2000  # about this many fixed tissue points are sent there and back
+NEAR_LIMIT = 0.8  # an error estimate above this share of the limit lowers the confidence
 
 
 def assess(
@@ -183,6 +184,9 @@ def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, 
     median = error["residual_um_median"]
     if not error["poor_evidence"] and median is not None and median > cfg.poor_error_um:
         why.append(f"block residual {median} µm > {cfg.poor_error_um:g} µm")
+    elif median is not None and median > NEAR_LIMIT * cfg.poor_error_um:
+        # the estimate is not exact: a true error just above the limit must not pass silently
+        notes.append(f"error estimate {median} µm is near the limit {cfg.poor_error_um:g} µm")
     error["error_limit_um"] = cfg.poor_error_um
     error["confidence"] = "low" if notes else "high"
     error["confidence_notes"] = notes
