@@ -27,7 +27,7 @@ from histocsc.errors import (
     ModelNotFoundError,
 )
 from histocsc.io import file_checksum, write_json
-from histocsc.learn.metadata import decode_metadata
+from histocsc.learn.metadata import INPUT, OUTPUT, decode_metadata
 from histocsc.models import builtin_facts
 from histocsc.predict.model_check import check_batch, check_graph
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
@@ -102,7 +102,7 @@ class Engine:
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """Probabilities (N, markers) float32 for uint8 tiles (N, tile_px, tile_px, 3)."""
-        probs = self.session.run(["probabilities"], {"tiles": tiles})[0]
+        probs = self.session.run([OUTPUT], {INPUT: tiles})[0]
         check_batch(probs, self.path, self.markers)
         return probs
 
