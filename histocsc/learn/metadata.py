@@ -19,6 +19,28 @@ from typing import Any, ClassVar
 from histocsc import __version__
 from histocsc.errors import ModelError
 
+# Markers of cancer stem-like cells: a model's "stem-like" map joins those of its markers that are
+# in this set unless export is told otherwise (`--stem-like`); other markers get no stem-like map.
+STEM_CELL_MARKERS = frozenset({"CD133", "PROM1", "CD44", "ALDH1", "ALDH1A1", "LGR5", "SOX2",
+                               "OCT4", "NANOG", "CD24", "CD90", "EPCAM", "CD166", "BMI1"})
+
+
+def default_stem_like(markers: list[str]) -> list[str]:
+    """The markers that make up the stem-like map when export was not told: the model's markers
+    that are stem-cell markers (STEM_CELL_MARKERS, case-insensitive), in model order."""
+    return [m for m in markers if m.upper() in STEM_CELL_MARKERS]
+
+
+def check_stem_like(stem_like: list[str], markers: list[str]) -> list[str]:
+    """`stem_like` checked against the model's markers (ModelError naming the stranger)."""
+    strangers = [m for m in stem_like if m not in markers]
+    if strangers:
+        raise ModelError(f"stem-like marker(s) {', '.join(strangers)} are not among the model's "
+                         f"markers ({', '.join(markers)})")
+    return list(dict.fromkeys(stem_like))
+
+
+
 INPUT = "tiles"  # uint8 (N, tile_px, tile_px, 3) RGB
 OUTPUT = "probabilities"  # float32 (N, markers), calibrated
 EMBEDDINGS = "embeddings"  # float32 (N, embedding_dim), only with `export --embeddings`
@@ -54,6 +76,8 @@ class ModelMeta:
     encoder: dict[str, Any] = _json({})  # preset, architecture, input_px, embedding rule/dim
     weights_checksum: str = ""  # sha256 of model.weights_path ("" when trained from scratch)
     outputs: list[str] = _json([OUTPUT])  # output tensors of the graph, in order
+    # the markers the stem-like map joins; None (a model from before the key): default_stem_like
+    stem_like_markers: list[str] | None = field(default=None, metadata={"codec": "json"})
 
     def __post_init__(self) -> None:
         self.markers = [str(m) for m in self.markers]
@@ -61,6 +85,9 @@ class ModelMeta:
         self.thresholds = {m: float(self.thresholds.get(m, 0.5)) for m in self.markers}
         self.mean = [float(v) for v in self.mean]
         self.std = [float(v) for v in self.std]
+        self.stem_like_markers = (default_stem_like(self.markers) if self.stem_like_markers is None
+                                  else check_stem_like([str(m) for m in self.stem_like_markers],
+                                                       self.markers))
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -100,6 +127,8 @@ class ModelMeta:
                     values[f.name] = _decode(f, props[f.name])
             values.setdefault("histocsc_version", "")
             return cls(**values)
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
         except (ValueError, TypeError, AttributeError) as exc:
             raise ModelError(f"{path}: malformed histocsc metadata ({exc})") from exc
 
