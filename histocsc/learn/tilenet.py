@@ -161,9 +161,10 @@ def freeze(encoder: Encoder, mode: str | int) -> None:
 
 def param_groups(model: TileNet, lr: float, weight_decay: float,
                  layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: the head at `lr`; with `layer_decay` < 1 a ViT encoder's layer i of depth
-    d at lr x layer_decay^(d + 1 - i) (timm's param_groups_layer_decay; no weight decay on norms
-    and biases); else the encoder at `lr`."""
+    """AdamW groups: the head at `lr`; with `layer_decay` < 1, a ViT encoder of depth d by
+    timm's param_groups_layer_decay: block i (0-based) at lr x layer_decay^(d - 1 - i), the
+    patch / position embeddings at lr x layer_decay^d, the final norm at lr, no weight decay on
+    norms and biases; else the whole encoder at `lr`."""
     from timm.optim import param_groups_layer_decay
 
     head = [p for p in model.head.parameters() if p.requires_grad]

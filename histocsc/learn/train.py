@@ -37,8 +37,12 @@ from histocsc.learn.config import (  # noqa: F401 (re-exported: the configs live
     load_train_config,
 )
 from histocsc.learn.data import TileDataModule
+from histocsc.learn.encoders import encoder_spec, is_encoder
+from histocsc.learn.features import prepare_features, uses_feature_cache
 from histocsc.learn.model import META_KEY
 from histocsc.learn.module import TileClassifier
+from histocsc.learn.tilenet import check_mpp
+from histocsc.learn.weights import check_weights_path, weights_checksum
 
 MONITOR = "val/auroc_mean"
 log = logging.getLogger(__name__)
@@ -181,7 +185,8 @@ class RunState:
     timings: dict[str, float]
 
 
-def build_module(cfg: TrainConfig, data: TileDataModule, on_gpu: bool) -> TileClassifier:
+def build_module(cfg: TrainConfig, data: TileDataModule, on_gpu: bool,
+                 features_dim: int | None = None, weights_checksum: str = "") -> TileClassifier:
     """The LightningModule for this run's data and model configuration."""
     return TileClassifier(
         markers=data.markers,
@@ -192,6 +197,8 @@ def build_module(cfg: TrainConfig, data: TileDataModule, on_gpu: bool) -> TileCl
         pos_weight=data.pos_weight.tolist() if data.pos_weight is not None else None,
         channels_last=cfg.model.channels_last and on_gpu,
         data_summary=data.summary(),
+        features_dim=features_dim,
+        weights_checksum=weights_checksum,
     )
 
 
@@ -268,6 +275,10 @@ def train(
         raise ConfigError(
             f"{data.root}: no validation case (set split=val in cohort.csv or data.val_fraction)"
         )
+    checksum = ""
+    if is_encoder(cfg.model.backbone) and cfg.model.weights_path:
+        checksum = weights_checksum(check_weights_path(cfg.model.weights_path))
+    features_dim = prepare_features(cfg, data) if uses_feature_cache(cfg) else None
     summary = data.summary()
     timings = {"setup_s": time.perf_counter() - started}
 
@@ -275,7 +286,11 @@ def train(
     on_gpu = precision != "32-true" or (
         cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
     )
-    module = build_module(cfg, data, on_gpu)
+    module = build_module(cfg, data, on_gpu, features_dim, checksum)
+    if is_encoder(cfg.model.backbone):
+        note = check_mpp(encoder_spec(cfg.model.backbone), data.mpp)
+        if note:
+            summary.setdefault("warnings", []).append(note)
     _write_config(cfg, run_dir)
     trainer, checkpoint, speed = build_trainer(cfg, run_dir, precision)
     state = RunState(cfg, run_dir, resume, data, module, trainer, checkpoint, speed, precision,
@@ -341,6 +356,7 @@ def finish_run(state: RunState) -> TrainResult:
             "precision": state.precision,
             "world_size": trainer.world_size,
             "data": state.summary,
+            "weights_checksum": state.module.weights_checksum,
             "best_checkpoint": str(best),
             "best_val_auroc_mean": best_score,
             "val": result.val,
