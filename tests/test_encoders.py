@@ -24,7 +24,6 @@ from histocsc.learn.tilenet import (
     Encoder,
     build_encoder,
     check_mpp,
-    freeze,
     param_groups,
 )
 from histocsc.learn.weights import read_weights, weights_checksum
