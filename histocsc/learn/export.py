@@ -21,7 +21,13 @@ from torch import nn
 
 from histocsc.errors import DataError, ModelError
 from histocsc.io import atomic_path
-from histocsc.learn.metadata import model_metadata, read_metadata  # noqa: F401 (re-exported)
+from histocsc.learn.metadata import (
+    INPUT,
+    OUTPUT,
+    encode,
+    model_metadata,
+    read_metadata,  # noqa: F401 (re-exported)
+)
 from histocsc.learn.variant_gate import GateLimits, check_variant, unseen
 
 PARITY_TOL = 1e-4
@@ -255,8 +261,8 @@ def _export_graph(wrapped: nn.Module, tile_px: int, out: Path, props: dict[str, 
                 _quiet_onnx_logs()
                 program = torch.onnx.export(
                     wrapped, (example,), dynamo=True, external_data=False, optimize=True,
-                    input_names=["tiles"], output_names=["probabilities"],
-                    dynamic_shapes={"tiles": {0: torch.export.Dim("batch", min=1)}},
+                    input_names=[INPUT], output_names=[OUTPUT],
+                    dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}},
                     verbose=False,
                 )
                 proto = program.model_proto
@@ -267,11 +273,11 @@ def _export_graph(wrapped: nn.Module, tile_px: int, out: Path, props: dict[str, 
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapped, (example,), str(tmp), dynamo=False, opset_version=17,
-                    input_names=["tiles"], output_names=["probabilities"],
-                    dynamic_axes={"tiles": {0: "batch"}, "probabilities": {0: "batch"}},
+                    input_names=[INPUT], output_names=[OUTPUT],
+                    dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                 )
             proto = onnx.load(str(tmp))
-        _set_props(proto, {**props, "precision": "fp32", "exporter": exporter})
+        _set_props(proto, {**props, **encode(precision="fp32", exporter=exporter)})
         onnx.save(proto, str(tmp))
     return exporter
 
@@ -297,7 +303,7 @@ def _run(path: Path, tiles: np.ndarray) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"tiles": tiles[i:i + 8]})[0]
+    return np.concatenate([sess.run([OUTPUT], {INPUT: tiles[i:i + 8]})[0]
                            for i in range(0, len(tiles), 8)])
 
 
@@ -310,7 +316,7 @@ class _Calibration:
 
     def __init__(self, tiles: np.ndarray, batch: int = 16) -> None:
         self._iter: Iterator[dict[str, np.ndarray]] = (
-            {"tiles": tiles[i:i + batch]} for i in range(0, len(tiles), batch))
+            {INPUT: tiles[i:i + batch]} for i in range(0, len(tiles), batch))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
@@ -343,7 +349,7 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray) -> None:
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
         q = onnx.load(str(tmp))
-        _set_props(q, {"precision": "int8"})
+        _set_props(q, encode(precision="int8"))
         onnx.save(q, str(tmp))
 
 
@@ -364,6 +370,6 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
     proto = onnx.load(str(src))
     half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
-    _set_props(half, {"precision": "fp16"})
+    _set_props(half, encode(precision="fp16"))
     with atomic_path(dst) as tmp:
         onnx.save(half, str(tmp))
