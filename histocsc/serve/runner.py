@@ -207,6 +207,7 @@ class JobRunner:
         child = self._worker()
         sent = False
         while True:
+            self._probe()
             outcome = self._interrupt(job.id)
             if outcome is not None:
                 child.kill()
