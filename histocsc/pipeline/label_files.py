@@ -14,11 +14,14 @@ from histocsc.io import atomic_path
 CELL_COLUMNS = ("cells", "positive_cells", "hscore")
 
 
-def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, MarkerLabels]):
+def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, MarkerLabels],
+                     kept: dict[str, list[str]] | None = None):
     """`labels.csv`: every grid column, then `<M>_fraction` (nan: no IHC tissue) and `<M>_label`;
     for a marker whose cells were detected also `<M>_cells`, `<M>_positive_cells` (1+ or more)
-    and `<M>_hscore` (0-300, nan without cells)."""
-    header, columns = list(grid), list(grid.values())
+    and `<M>_hscore` (0-300, nan without cells); then `kept`: columns of other markers from an
+    earlier run, as text."""
+    header: list[str] = list(grid)
+    columns: list[Any] = list(grid.values())
     for m, result in labels.items():
         header += [f"{m}_fraction", f"{m}_label"]
         columns += [result.fraction, result.label]
@@ -26,6 +29,8 @@ def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, 
             header += [f"{m}_{c}" for c in CELL_COLUMNS]
             positive = result.cells.by_class[:, 1:].sum(axis=1)
             columns += [result.cells.cells, positive, result.cells.hscore]
+    header += list(kept or {})
+    columns += list((kept or {}).values())
     n = len(columns[0]) if columns else 0
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -35,6 +40,8 @@ def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, 
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, (np.floating, float)):
         return "nan" if not np.isfinite(value) else f"{float(value):.6g}"
     return str(int(value))
