@@ -34,6 +34,7 @@ from histocsc.learn.calibration import calibrate_run, to_meta
 from histocsc.learn.data import DataConfig, TileDataModule
 from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, check_backbone
 from histocsc.learn.module import TileClassifier
+from histocsc.progress import warn
 
 MONITOR = "val/auroc_mean"
 log = logging.getLogger(__name__)
@@ -228,8 +229,10 @@ def train(
     cfg: TrainConfig,
     run_dir: str | Path | None = None,
     resume: str | Path | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> TrainResult:
-    """Train on the prepared cohort in cfg.data.root; write the run folder; return the result."""
+    """Train on the prepared cohort in cfg.data.root; write the run folder; return the result.
+    `callbacks` join the Trainer's own (the command's signal handling and batch-log lines)."""
     started = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, resume)
     if cfg.model.weights_path and not Path(cfg.model.weights_path).is_file():
@@ -248,6 +251,9 @@ def train(
             f"{data.root}: no validation case (set split=val in cohort.csv or data.val_fraction)"
         )
     summary = data.summary()
+    if rank_zero_only.rank == 0:
+        for message in data.warnings:
+            warn(message)
     setup_s = time.perf_counter() - started
 
     precision = resolve_precision(cfg.trainer)
@@ -302,6 +308,7 @@ def train(
             checkpoint,
             EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience),
             speed,
+            *(callbacks or []),
         ],
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
