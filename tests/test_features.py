@@ -11,13 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_train import MARKERS, ci_config, make_prepared_cohort
 from typer.testing import CliRunner
 
 from histocsc.cli import app
 from histocsc.learn.config import ModelConfig
 from histocsc.learn.features import cache_cohort, embedder
 from histocsc.learn.tilenet import build_encoder
-from test_train import MARKERS, ci_config, make_prepared_cohort
 
 KW = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
 CASES = [f"case{i}" for i in range(5)]
