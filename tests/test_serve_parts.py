@@ -101,7 +101,9 @@ def test_store_recovery_fails_running_jobs_and_keeps_the_others(tmp_path: Path) 
     store.finish("b", "succeeded", mpp_used=0.5)
     store.close()
     store = JobStore(tmp_path)  # as after a restart
-    assert store.recover() == ["a"]
+    (store.root / "orphan" / "upload").mkdir(parents=True)  # an upload cut short by a kill
+    assert store.recover() == (["a"], ["orphan"])
+    assert not (store.root / "orphan").exists() and store.folder("c") != store.root
     states = {j.id: (j.state, j.error) for j in store.list()}
     assert states["a"][0] == "failed" and "interrupted" in states["a"][1]
     assert states["b"] == ("succeeded", None) and states["c"] == ("queued", None)

@@ -61,6 +61,7 @@ def export_command(
     from histocsc.learn.guard import guard_model_files
     from histocsc.learn.model import load_trained
     from histocsc.learn.variant_gate import GateLimits, labelled_run_tiles
+    from histocsc.progress import working
 
     if int8 and calibration is None:
         raise ConfigError("--int8 needs --calibration DIR (tile images or a tiles.npy)")
@@ -71,11 +72,12 @@ def export_command(
         meta["stem_like_markers"] = [m.strip() for m in stem_like.split(",")
                                      if m.strip() and stem_like.strip().lower() != "none"]
     guard_model_files([out, *variants], force)
-    labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
-    result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
-                         check_tiles=check_tiles, labelled=labelled,
-                         limits=GateLimits(max_auroc_change, max_prob_diff),
-                         embeddings=embeddings)
+    with working(f"export {out.name}"):
+        labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
+        result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
+                             check_tiles=check_tiles, labelled=labelled,
+                             limits=GateLimits(max_auroc_change, max_prob_diff),
+                             embeddings=embeddings)
     for line in result.notes:
         typer.echo(f"note: {line}")
     for line in result.gates:

@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Weight
 
 from histocsc.cohort import read_cohort
 from histocsc.config import StrictModel
-from histocsc.errors import ConfigError, DataError, DataNotFoundError, LabelError
+from histocsc.errors import ConfigError, DataError, DataNotFoundError
 from histocsc.learn.augment import AugmentConfig, build_augment
 from histocsc.learn.cases import CaseTiles, load_case
+from histocsc.learn.cohort_checks import check_labels
 from histocsc.learn.splits import assign_splits
 
 SPLITS = ("train", "val", "test")
@@ -169,6 +170,7 @@ class TileDataModule(L.LightningDataModule):
         self.markers: list[str] = []
         self.cases: dict[str, list[CaseTiles]] = {s: [] for s in SPLITS}
         self.skipped: list[str] = []
+        self.warnings: list[str] = []  # what the cohort cannot teach well (cohort_checks)
         self.datasets: dict[str, TileDataset] = {}
         self.pos_weight: torch.Tensor | None = None
         self.tile_px = 0
@@ -230,14 +232,7 @@ class TileDataModule(L.LightningDataModule):
             self.datasets[s] = FeatureDataset(self.cases[s], features)  # type: ignore[assignment]
 
     def _check_labels(self) -> None:
-        labels = np.concatenate([t.labels for t in self.cases["train"]])
-        for j, m in enumerate(self.markers):
-            pos, neg = int((labels[:, j] == 1).sum()), int((labels[:, j] == 0).sum())
-            if pos == 0 or neg == 0:
-                raise LabelError(
-                    f"{self.root}: marker {m} has {pos} positive and {neg} negative training "
-                    "tiles; a classifier needs both"
-                )
+        self.warnings = check_labels(self.root, self.markers, self.cases)
 
     def _pos_weight(self) -> torch.Tensor:
         y = self.datasets["train"].labels
@@ -302,6 +297,7 @@ class TileDataModule(L.LightningDataModule):
             "mpp": self.mpp,
             "source": self.cfg.source,
             "skipped_cases": self.skipped,
+            "warnings": self.warnings,
             "pos_weight": {m: float(w) for m, w in zip(self.markers, pw.tolist(), strict=True)},
         }
         if self.feature_cache is not None:
