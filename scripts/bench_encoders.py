@@ -79,7 +79,7 @@ def main() -> None:
         model = build_model(f"timm:{name}", 2).eval()
         wrapped = TileModel(model, MEAN, STD)
         with torch.inference_mode():
-            pt = rate(lambda x: wrapped(torch.from_numpy(x)), tiles, args.batch)
+            pt = rate(lambda x, w=wrapped: w(torch.from_numpy(x)), tiles, args.batch)
         meta = {"markers": ["A", "B"], "tile_px": 224, "mpp": 0.5, "mean": MEAN, "std": STD,
                 "backbone": f"timm:{name}"}
         with tempfile.TemporaryDirectory() as tmp:
