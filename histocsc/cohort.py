@@ -35,15 +35,15 @@ class CohortCase:
         return self.mpp.get(slide, self.mpp.get("*", default))
 
     def problems(self, markers: list[str]) -> list[str]:
-        """What stops this case from being prepared for `markers` (missing files), as messages."""
+        """What stops this case from being prepared for `markers` (files named but missing), as
+        messages. An empty marker cell is no problem: the case has no IHC for that marker, and
+        its labels for it are ignored (-1), not negative."""
         found = []
         if not self.he.is_file():
             found.append(f"case {self.case}: H&E slide not found: {self.he}")
         for marker in markers:
             path = self.ihc.get(marker)
-            if path is None:
-                found.append(f"case {self.case}: no {marker} IHC slide given in the cohort")
-            elif not path.is_file():
+            if path is not None and not path.is_file():
                 found.append(f"case {self.case}: {marker} IHC slide not found: {path}")
         return found
 

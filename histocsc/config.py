@@ -1,7 +1,8 @@
 """Typed configuration: pydantic models loaded from YAML, with command-line overrides.
 
 The YAML files of `configs/` ship inside the package (`histocsc/configs`, package data), so an
-installed wheel reads the same presets as a source checkout; `packaged_config` finds them. Each of
+installed wheel reads the same presets as a source checkout; `packaged_config` finds them, and
+every `--config` option accepts a preset's name (`resolve_config`). Each of
 tiles.yaml, register.yaml, label.yaml and train.yaml spells out the built-in defaults (a test
 holds them equal); train-ci.yaml is the tiny preset of CI and the demo.
 """
@@ -36,9 +37,7 @@ def load_config(
     the built-in defaults."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigNotFoundError(f"{path}: configuration file not found")
+        path = resolve_config(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -62,6 +61,27 @@ def packaged_config(name: str) -> Path:
     if not path.is_file():
         raise ConfigNotFoundError(f"{path}: packaged configuration not found (broken install?)")
     return path
+
+
+def presets() -> list[str]:
+    """Names of the packaged configuration presets (train, train-ci, tiles, ...), sorted."""
+    folder = resources.files("histocsc").joinpath("configs")
+    return sorted(Path(str(p)).stem for p in folder.iterdir() if str(p).endswith(".yaml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A configuration file: `path` itself when it exists, else the packaged preset it names
+    ('train-ci', 'train-ci.yaml', or 'configs/train-ci.yaml' from any folder)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    by_name = path.parent in (Path("."), Path("configs")) and path.suffix in ("", ".yaml")
+    if by_name and name in presets():
+        return packaged_config(f"{name}.yaml")
+    raise ConfigNotFoundError(
+        f"{path}: configuration file not found (packaged presets, usable by name from any "
+        f"folder: {', '.join(presets())}; `histocsc config show NAME` prints one)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -44,3 +44,25 @@ def test_missing_file_and_bad_override(tmp_path: Path) -> None:
         load_config(Example, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["rate"])
+
+
+def test_packaged_presets_by_name_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    """`--config train-ci` (or the documented configs/train-ci.yaml) works outside the checkout;
+    `train --help` lists the presets and `config show` writes one out."""
+    from typer.testing import CliRunner
+
+    from histocsc.cli import app
+    from histocsc.config import packaged_config, resolve_config
+    from histocsc.learn.train import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("train-ci", "train-ci.yaml", "configs/train-ci.yaml"):
+        assert resolve_config(name) == packaged_config("train-ci.yaml")
+        assert load_train_config(name).model.backbone == "tiny"
+    with pytest.raises(ConfigError, match="presets.*train-ci"):
+        resolve_config("trian-ci")
+    runner = CliRunner()
+    assert "train-ci" in runner.invoke(app, ["train", "--help"]).output
+    shown = runner.invoke(app, ["config", "show", "train-ci"])
+    assert shown.exit_code == 0 and shown.output == packaged_config("train-ci.yaml").read_text()
+    assert "train-ci" in runner.invoke(app, ["config", "list"]).output

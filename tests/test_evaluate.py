@@ -132,8 +132,19 @@ def test_truth_outside_the_slide_or_naming_no_marker_is_a_clear_error(
     shapes: dict[str, Path],
 ) -> None:
     far = qupath_geojson(shapes["root"] / "far.geojson", shift=5000)
-    with pytest.raises(DataError, match="overlaps the 1024 x 1024 px slide"):
+    with pytest.raises(DataError, match="outside the 1024 x 1024 px slide"):
         evaluate(shapes["right"], far, shapes["root"] / "ev_far")
+    # one polygon off the slide among good ones is an error too, naming that feature
+    data = json.loads(shapes["geojson"].read_text())
+    data["features"].append({"type": "Feature", "id": "stray", "properties": {
+        "classification": {"name": "CD44"}}, "geometry": {"type": "Polygon", "coordinates": [
+            [[8000, 100], [18500, 100], [18500, 600], [8000, 100]]]}})
+    stray = shapes["root"] / "stray.geojson"
+    stray.write_text(json.dumps(data))
+    res = CliRunner().invoke(app, ["evaluate", str(shapes["right"]), "--truth", str(stray)])
+    assert res.exit_code == 1, res.output
+    assert "feature 3 (id stray)" in res.output and "x 8000-18500" in res.output
+    assert "outside the 1024 x 1024 px slide" in res.output
     other = qupath_geojson(shapes["root"] / "other.geojson", names=("Tumor", "Stroma"))
     res = CliRunner().invoke(app, ["evaluate", str(shapes["right"]), "--truth", str(other)])
     assert res.exit_code == 1

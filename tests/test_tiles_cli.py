@@ -96,7 +96,8 @@ def test_folder_with_a_slide_lacking_mpp(slides, tmp_path):
     result = _run(slides, "--out", tmp_path, "--save-images")
     assert result.exit_code == 1
     assert "case2.tif" in result.output and "--slide-mpp" in result.output
-    assert "overview" not in result.output
+    assert "overview.png:" not in result.output  # not tiled, and said so
+    assert "left out 1 plain image file(s)" in result.output
     assert (tmp_path / "case1" / "grid.json").is_file()  # the good slide is still done
     assert not (tmp_path / "case2" / "grid.json").exists()
     fixed = _run(slides, "--out", tmp_path, "--slide-mpp", "0.5", "--save-images")

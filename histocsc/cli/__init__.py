@@ -12,6 +12,7 @@ from histocsc.cli import predict  # noqa: F401
 from histocsc.cli import serve  # noqa: F401
 from histocsc.cli import evaluate  # noqa: F401
 from histocsc.cli import demo  # noqa: F401
+from histocsc.cli import config  # noqa: F401
 # isort: on
 from histocsc.cli.app import app, run
 

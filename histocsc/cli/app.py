@@ -46,6 +46,11 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def note(message: str) -> None:
+    """A notice for the user (stderr, yellow): something was left out or is not what it seems."""
+    typer.secho(f"note: {message}", fg=typer.colors.YELLOW, err=True)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"histocsc {__version__}")

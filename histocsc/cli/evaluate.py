@@ -22,9 +22,11 @@ def evaluate_command(
 ) -> None:
     """Compare heatmaps with truth: AUROC, AP, Dice, IoU, ECE per marker, and pictures."""
     from histocsc.evaluate.metrics import evaluate
+    from histocsc.progress import working
 
     out = out if out is not None else pred_dir / "evaluation"
-    result = evaluate(pred_dir, truth, out)
+    with working(f"evaluate {pred_dir.name}"):
+        result = evaluate(pred_dir, truth, out)
     for marker, row in result["markers"].items():
         tile, pixel = row["tile"], row["pixel"]
         auroc = "n/a" if tile["auroc"] is None else f"{tile['auroc']:.3f}"

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from histocsc.cli.app import _state, app, user_errors
+from histocsc.cli.app import _state, app, note, user_errors
 from histocsc.cli.options import (
     ForceOpt,
     OverrideSlideMppOpt,
@@ -44,6 +44,11 @@ def export_command(
     max_prob_diff: Annotated[
         float, typer.Option(help="int8/fp16 gate without labels: largest probability change.")
     ] = 0.05,
+    stem_like: Annotated[
+        str | None,
+        typer.Option("--stem-like", help="Markers whose union is the stem-like map (comma list, "
+                     "or 'none'); default: the model's stem-cell markers (CD133, CD44, ...)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing model files.")] = False,
 ) -> None:
     """Export a trained model to ONNX (uint8 RGB tiles in, probabilities out), checking parity."""
@@ -52,19 +57,24 @@ def export_command(
     from histocsc.learn.guard import guard_model_files
     from histocsc.learn.model import load_trained
     from histocsc.learn.variant_gate import GateLimits, labelled_run_tiles
+    from histocsc.progress import working
 
     if int8 and calibration is None:
         raise ConfigError("--int8 needs --calibration DIR (tile images or a tiles.npy)")
     variants = [out.with_name(f"{out.stem}.{v}.onnx") for v, on in (("int8", int8),
                                                                      ("fp16", fp16)) if on]
     model, meta = load_trained(run)
+    if stem_like is not None:
+        meta["stem_like_markers"] = [m.strip() for m in stem_like.split(",")
+                                     if m.strip() and stem_like.strip().lower() != "none"]
     guard_model_files([out, *variants], force)
-    labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
-    result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
-                         check_tiles=check_tiles, labelled=labelled,
-                         limits=GateLimits(max_auroc_change, max_prob_diff))
-    for note in result.notes:
-        typer.echo(f"note: {note}")
+    with working(f"export {out.name}"):
+        labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
+        result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
+                             check_tiles=check_tiles, labelled=labelled,
+                             limits=GateLimits(max_auroc_change, max_prob_diff))
+    for line in result.notes:
+        typer.echo(f"note: {line}")
     for line in result.gates:
         typer.echo(f"gate passed: {line}")
     typer.echo(f"wrote {result.fp32} (fp32, {result.exporter} exporter; max |ONNX - PyTorch| = "
@@ -131,7 +141,7 @@ def infer_command(
         model = builtin_model_path()
         typer.secho(f"using the built-in model {model.name} ({NOTICE}); "
                     "give --model for your own", fg=typer.colors.YELLOW)
-    found = find_slides(slides, recursive)
+    found = find_slides(slides, recursive, notify=note)
     if shard is not None:
         index, count = parse_shard(shard)
         found = take_shard(found, index, count)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from histocsc.cli.app import app, user_errors
+from histocsc.cli.app import app, note, user_errors
 from histocsc.cli.options import (
     ForceOpt,
     OverrideSlideMppOpt,
@@ -47,7 +47,8 @@ def tiles(
     from histocsc.wsi.grid import TilesConfig
 
     cfg = load_config(TilesConfig, config, {"mpp": mpp, "tile_px": tile_px})
-    tasks = plan_tasks(find_slides(slides, recursive), out, slide_mpp, override_slide_mpp)
+    found = find_slides(slides, recursive, notify=note)
+    tasks = plan_tasks(found, out, slide_mpp, override_slide_mpp)
     results = tile_slides(tasks, cfg, save_images, workers, force, progress=progress_bar)
     failed = [r for r in results if r.error]
     for r in results:

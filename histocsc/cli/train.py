@@ -8,13 +8,20 @@ from typing import Annotated
 import typer
 
 from histocsc.cli.app import app, user_errors
+from histocsc.config import presets
+
+CONFIG_HELP = (
+    "YAML config file, or a packaged preset by name from any folder: "
+    f"{', '.join(p for p in presets() if p.startswith('train'))} "
+    "(`histocsc config show NAME > my.yaml` writes one out to edit)."
+)
 
 
 @app.command("train")
 @user_errors
 def train_command(
     config: Annotated[
-        Path | None, typer.Option("--config", help="YAML config (see configs/train.yaml).")
+        Path | None, typer.Option("--config", help=CONFIG_HELP)
     ] = None,
     overrides: Annotated[
         list[str] | None,

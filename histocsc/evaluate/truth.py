@@ -28,6 +28,7 @@ from histocsc.errors import DataError
 
 MAX_RASTER_PX = 8192
 GEOJSON_SUFFIXES = {".geojson", ".json"}
+EDGE_TOLERANCE = 0.01  # a polygon may overshoot the slide by this share of its width / height
 
 
 @dataclass
@@ -151,8 +152,7 @@ def _geojson(path: Path, markers: list[str], width: int, height: int, ds: float)
     shape = _shape(width, height, ds)
     rasters: dict[str, np.ndarray] = {}
     names: set[str] = set()
-    inside = False
-    for feature in _features(data, path):
+    for index, feature in enumerate(_features(data, path)):
         props = feature.get("properties") or {}
         cls = props.get("classification") or {}
         name = str(cls.get("name", "")) if isinstance(cls, dict) else ""
@@ -164,9 +164,7 @@ def _geojson(path: Path, markers: list[str], width: int, height: int, ds: float)
             if not len(rings) or len(rings[0]) < 3:
                 continue
             outer = rings[0]
-            if (outer[:, 0].max() > 0 and outer[:, 1].max() > 0 and outer[:, 0].min() < width
-                    and outer[:, 1].min() < height):
-                inside = True
+            _check_inside(path, index, feature, name, outer, width, height)
             one = np.zeros(shape, np.uint8)
             cv2.fillPoly(one, [np.rint(outer / ds * 16).astype(np.int32)], 1, shift=4)
             for hole in rings[1:]:
@@ -176,7 +174,20 @@ def _geojson(path: Path, markers: list[str], width: int, height: int, ds: float)
         raise DataError(f"{path}: names no marker of the model ({', '.join(markers)}) in "
                         f"properties.classification.name; classes found: "
                         f"{', '.join(sorted(names)) or 'none'}")
-    if not inside:
-        raise DataError(f"{path}: no annotation polygon overlaps the {width} x {height} px slide "
-                        "(coordinates must be level-0 pixels of the H&E)")
     return TruthRaster("qupath_geojson", path, ds, width, height, rasters)
+
+
+def _check_inside(path: Path, index: int, feature: dict[str, Any], name: str, ring: np.ndarray,
+                  width: int, height: int) -> None:
+    """DataError when a polygon reaches off the slide by more than EDGE_TOLERANCE of its size
+    (annotations drawn up to the tissue edge may overshoot it a little)."""
+    x0, y0 = ring.min(axis=0)
+    x1, y1 = ring.max(axis=0)
+    tx, ty = EDGE_TOLERANCE * width, EDGE_TOLERANCE * height
+    if x0 >= -tx and y0 >= -ty and x1 <= width + tx and y1 <= height + ty:
+        return
+    label = f"feature {index}" + (f" (id {feature['id']})" if feature.get("id") else "")
+    raise DataError(
+        f"{path}: {label}, class {name!r}: polygon x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} lies "
+        f"outside the {width} x {height} px slide (coordinates must be level-0 pixels of this "
+        "H&E: an annotation of another slide, or exported at another scale?)")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from histocsc.errors import DataError, DataNotFoundError, LabelError
+from histocsc.errors import DataError, DataNotFoundError
 
 if TYPE_CHECKING:  # data.py imports this module
     from histocsc.learn.data import DataConfig
@@ -33,17 +33,17 @@ class CaseTiles:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_labels(path: Path, markers: list[str]) -> tuple[dict[str, np.ndarray], int]:
+def _read_labels(path: Path, markers: list[str]) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """Tile boxes, tissue fraction and one label column per marker; a marker without a
+    `<M>_label` column (never prepared for this case) is all -1 (ignored) and listed third."""
     if not path.is_file():
         raise DataNotFoundError(f"{path}: labels.csv not found (run `histocsc prepare` first)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        need = ["x", "y", "w", "h"] + [f"{m}_label" for m in markers]
-        absent = [c for c in need if c not in header]
+        absent = [c for c in ("x", "y", "w", "h") if c not in header]
         if absent:
-            kind = LabelError if all(c.endswith("_label") for c in absent) else DataError
-            raise kind(f"{path}: no column(s) {', '.join(absent)} (markers without labels?)")
+            raise DataError(f"{path}: no column(s) {', '.join(absent)} (not a labels.csv?)")
         cols: dict[str, list[str]] = {c: [] for c in header}
         for row in reader:
             for c in header:
@@ -59,10 +59,12 @@ def _read_labels(path: Path, markers: list[str]) -> tuple[dict[str, np.ndarray],
             else np.ones(n, np.float32)
         )
         for m in markers:
-            out[m] = np.asarray(cols[f"{m}_label"], dtype=np.float64).astype(np.int8)
+            values = cols.get(f"{m}_label")
+            out[m] = (np.full(n, -1, np.int8) if values is None
+                      else np.asarray(values, dtype=np.float64).astype(np.int8))
     except ValueError as exc:
         raise DataError(f"{path}: non-numeric value ({exc})") from exc
-    return out, n
+    return out, n, [m for m in markers if f"{m}_label" not in header]
 
 
 def qc_flags(case_dir: Path, markers: list[str]) -> tuple[bool, set[str]]:
@@ -97,7 +99,7 @@ def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> C
     case_bad, bad_markers = qc_flags(folder, markers) if cfg.skip_failed_qc else (False, set())
     if case_bad:
         return None
-    cols, n = _read_labels(folder / "labels.csv", markers)
+    cols, n, unprepared = _read_labels(folder / "labels.csv", markers)
     grid_json = folder / "grid.json"
     if not grid_json.is_file():
         raise DataNotFoundError(f"{grid_json}: grid sidecar not found")
@@ -108,7 +110,8 @@ def load_case(folder: Path, markers: list[str], cfg: DataConfig, seed: int) -> C
         raise DataError(f"{grid_json}: unreadable grid metadata ({exc})") from exc
     labels = np.stack([cols[m] for m in markers], axis=1) if n else np.zeros((0, len(markers)))
     labels = labels.astype(np.int8)
-    notes = []
+    notes = [f"{m}: no {m}_label column (not prepared for this case), labels ignored"
+             for m in unprepared]
     for j, m in enumerate(markers):
         if m in bad_markers:
             labels[:, j] = -1

@@ -15,10 +15,9 @@ from pathlib import Path
 
 from histocsc.errors import ConfigError, ModelError
 from histocsc.io import file_checksum
-from histocsc.learn.metadata import read_metadata
+from histocsc.learn.metadata import INPUT, OUTPUT, read_metadata
 
 DEFAULT_NAME = "histocsc"
-INPUT, OUTPUT = "tiles", "probabilities"
 
 
 def graph_dims(model: Path) -> tuple[list[int], list[int]]:

@@ -12,12 +12,16 @@ from histocsc.ihc.labels import LabelConfig, MarkerLabels, write_label_map
 from histocsc.io import atomic_path
 
 
-def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, MarkerLabels]):
-    """`labels.csv`: every grid column, then `<M>_fraction` (nan: no IHC tissue) and `<M>_label`."""
+def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, MarkerLabels],
+                     kept: dict[str, list[str]] | None = None):
+    """`labels.csv`: every grid column, then `<M>_fraction` (nan: no IHC tissue) and `<M>_label`,
+    then `kept`: columns of other markers from an earlier run, as text."""
     header = list(grid) + [c for m in labels for c in (f"{m}_fraction", f"{m}_label")]
-    columns = list(grid.values())
+    columns: list[Any] = list(grid.values())
     for result in labels.values():
         columns += [result.fraction, result.label]
+    header += list(kept or {})
+    columns += list((kept or {}).values())
     n = len(columns[0]) if columns else 0
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -27,6 +31,8 @@ def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, 
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, (np.floating, float)):
         return "nan" if not np.isfinite(value) else f"{float(value):.6g}"
     return str(int(value))

@@ -17,8 +17,6 @@ input checksums) match is not redone, and a finished case whose parameters match
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import time
 import traceback
 from concurrent.futures import as_completed
@@ -32,12 +30,21 @@ from histocsc.errors import DataError, HistocscError, LabelError, RegistrationEr
 from histocsc.ihc.labels import LabelConfig, MarkerLabels, label_slide
 from histocsc.ihc.registration import RegistrationConfig
 from histocsc.io import atomic_path, file_checksum, read_json, write_json
+from histocsc.pipeline.case_merge import (
+    digest,
+    kept_markers,
+    marker_key,
+    no_ihc,
+    read_previous,
+    reusable,
+)
 from histocsc.pipeline.label_files import (
     label_counts,
     unlabelled,
     write_label_maps,
     write_labels_csv,
 )
+from histocsc.pipeline.stages import load_transform, make_tiles, register_marker, tiling_warnings
 from histocsc.workers import process_pool
 from histocsc.wsi.extract import TILES_NPY
 from histocsc.wsi.grid import COLUMNS, GRID_CSV, GRID_JSON, TileGrid, TilesConfig
@@ -63,11 +70,6 @@ class StageConfigs:
 # -- small helpers ----------------------------------------------------------------------------
 
 
-def _digest(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _load_state(case_dir: Path) -> dict[str, str]:
     path = case_dir / STATE_FILE
     try:
@@ -79,48 +81,6 @@ def _load_state(case_dir: Path) -> dict[str, str]:
 def _record(case_dir: Path, state: dict[str, str], step: str, digest: str) -> None:
     state[step] = digest
     write_json(case_dir / STATE_FILE, state)
-
-
-# -- the adapters onto the tiles and registration stages ---------------------------------------
-
-
-def make_tiles(
-    he: Path, case_dir: Path, tiles_cfg: TilesConfig, he_mpp: float | None = None,
-    force: bool = False,
-) -> None:
-    """Tile grid + tile store of the H&E into `case_dir` (grid.csv, grid.json, tiles.npy)."""
-    from histocsc.wsi.extract import SlideTask, tile_slides
-
-    task = SlideTask(path=he, out_dir=case_dir, slide_mpp=he_mpp)
-    (result,) = tile_slides([task], tiles_cfg, save_images=True, workers=1, force=force)
-    if result.error:
-        raise DataError(f"{he}: tiling failed: {result.error}")
-
-
-def register_marker(
-    he: Path, ihc: Path, out_dir: Path, register_cfg: RegistrationConfig,
-    he_mpp: float | None = None, ihc_mpp: float | None = None,
-) -> None:
-    """Register one IHC (moving) onto the H&E (fixed): writes out_dir/transform.json.
-    `he_mpp` / `ihc_mpp` are used only for a slide that records no pixel size."""
-    from histocsc.ihc.registration import register, save_failure
-    from histocsc.wsi.preflight import effective_slide_mpp
-
-    try:
-        fixed, moving = effective_slide_mpp(he, he_mpp)[0], effective_slide_mpp(ihc, ihc_mpp)[0]
-        result = register(he, ihc, fixed, moving, cfg=register_cfg)
-    except HistocscError as exc:
-        save_failure(out_dir, exc)  # overlay of what was tried, never a stale one
-        raise
-    result.save(out_dir)
-
-
-def load_transform(path: Path) -> tuple[Any, dict[str, Any]]:
-    """(H&E -> IHC point map, the registration's error estimate) from transform.json."""
-    from histocsc.ihc.transform import Transform
-
-    transform = Transform.load(path)
-    return transform.to_moving, dict(transform.error)
 
 
 # -- one case ----------------------------------------------------------------------------------
@@ -138,42 +98,49 @@ def prepare_case(
     """
     started = time.perf_counter()
     problems = case.problems(markers)
+    present = [m for m in markers if case.ihc.get(m) is not None]
     if problems:
         raise DataError("; ".join(problems))
     case_dir = out / case.case
     case_dir.mkdir(parents=True, exist_ok=True)
     state = {} if force else _load_state(case_dir)
     he_mpp = case.slide_mpp("he", cfgs.slide_mpp)
-    ihc_mpp = {m: case.slide_mpp(m, cfgs.slide_mpp) for m in markers}
+    ihc_mpp = {m: case.slide_mpp(m, cfgs.slide_mpp) for m in present}
     he_sum = file_checksum(case.he)
-    ihc_paths = {m: p for m in markers if (p := case.ihc[m]) is not None}
+    ihc_paths = {m: case.ihc[m] for m in present}
     ihc_sums = {m: file_checksum(p) for m, p in ihc_paths.items()}
 
-    tiles_key = _digest("tiles", cfgs.dump("tiles"), he_sum, he_mpp)
+    tiles_key = digest("tiles", cfgs.dump("tiles"), he_sum, he_mpp)
     register_keys = {
-        m: _digest("register", cfgs.dump("register"), he_sum, ihc_sums[m], he_mpp, ihc_mpp[m])
-        for m in markers
+        m: digest("register", cfgs.dump("register"), he_sum, ihc_sums[m], he_mpp, ihc_mpp[m])
+        for m in present
     }
-    case_key = _digest("labels", cfgs.dump("label"), tiles_key, register_keys)
+    keys = {m: marker_key(cfgs.label, m, tiles_key, register_keys.get(m)) for m in markers}
+    case_key = digest("labels", tiles_key, keys)
     qc_path = case_dir / QC_FILE
-    if qc_path.is_file() and not reuse_existing and not force:
-        old = read_json(qc_path)
-        finished = old.get("status") in ("ok", "flagged") and (case_dir / LABELS_CSV).is_file()
-        if old.get("params") == case_key and finished:
-            return {**old, "reused": True}
+    old = {} if force else read_previous(qc_path)
+    if not reuse_existing and reusable(old, case_dir, tiles_key, keys):
+        return {**old, "reused": True}
 
     grid_files = [case_dir / n for n in (GRID_CSV, GRID_JSON, TILES_NPY)]
+    warnings, upsampling = tiling_warnings(case.he, cfgs.tiles, he_mpp)
     if not (reuse_existing and all(p.is_file() for p in grid_files)):
         # skips a finished grid with the same params
         make_tiles(case.he, case_dir, cfgs.tiles, he_mpp, force)
     grid = TileGrid.load(case_dir)
     he_size = (grid.slide_width, grid.slide_height)
     xywh = grid.boxes
+    kept_qc, kept_columns, notes = kept_markers(old, case_dir, tiles_key, markers, len(xywh))
 
     marker_qc: dict[str, dict[str, Any]] = {}
     results: dict[str, MarkerLabels] = {}
     label_cfg = cfgs.label
     for marker in markers:
+        if marker not in present:  # an empty cohort cell: ignored, not negative
+            results[marker] = unlabelled(len(xywh))
+            marker_qc[marker] = no_ihc(keys[marker], label_counts(results[marker].label))
+            (case_dir / f"label_map_{marker}.png").unlink(missing_ok=True)
+            continue
         reg_dir = case_dir / "register" / marker
         transform_path = reg_dir / "transform.json"
         step = f"register/{marker}"
@@ -209,19 +176,29 @@ def prepare_case(
         results[marker] = result
         qc.update(label_counts(result.label))
         qc["dab_od_threshold"] = getattr(result, "dab_od_threshold", None)
+        qc["params"] = keys[marker]
         marker_qc[marker] = qc
 
-    write_labels_csv(case_dir / LABELS_CSV, {c: grid.table[c] for c in COLUMNS}, results)
-    write_label_maps(case.he, case_dir, xywh, he_size, results, label_cfg, he_mpp)
-    ok = all(q["registration_ok"] for q in marker_qc.values())
+    write_labels_csv(case_dir / LABELS_CSV, {c: grid.table[c] for c in COLUMNS}, results,
+                     kept_columns)
+    write_label_maps(case.he, case_dir, xywh, he_size,
+                     {m: r for m, r in results.items() if m in present}, label_cfg, he_mpp)
+    every = {**kept_qc, **marker_qc}
+    if all(q.get("no_ihc") for q in every.values()):
+        warnings.append(f"no IHC slide for {', '.join(every)} in the cohort: no labels")
+    ok = all(q["registration_ok"] for q in every.values() if not q.get("no_ihc"))
     summary = {
         "case": case.case,
         "split": case.split,
         "status": "ok" if ok else "flagged",
         "registration_ok": ok,
         "tiles": int(len(xywh)),
-        "markers": marker_qc,
+        "markers": every,
+        "warnings": warnings,
+        "upsampling": upsampling,  # tiles this many times finer than the H&E's pixels
+        "notes": notes,
         "params": case_key,
+        "tiles_params": tiles_key,
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(qc_path, summary)
@@ -273,7 +250,13 @@ def _run_one(
         (out / case.case / "error.txt").write_text(traceback.format_exc())
     result = _failed(case, error)
     if (out / case.case).is_dir():
-        write_json(out / case.case / QC_FILE, result)
+        qc_path = out / case.case / QC_FILE
+        kept = {m: q for m, q in (read_previous(qc_path).get("markers") or {}).items()
+                if m not in markers}
+        if kept:  # the other markers' earlier results stay; this run's markers are unusable
+            failed = {"registration_ok": False, "error": error}
+            result["markers"] = {**kept, **{m: dict(failed) for m in markers}}
+        write_json(qc_path, result)
     return result
 
 

@@ -12,6 +12,7 @@ import csv
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from histocsc import __version__
 from histocsc.io import atomic_path, read_json, write_json
@@ -44,7 +45,8 @@ def slide_rows(out: Path, slides: list[Path]) -> tuple[list[dict[str, Any]], lis
                 if m not in markers:
                     markers.append(m)
             rows.append({"slide": name, "status": "done", "reason": "", "summary": s,
-                         "report": f"{name}/{REPORT}" if (folder / REPORT).is_file() else ""})
+                         "report": quote(f"{name}/{REPORT}") if (folder / REPORT).is_file()
+                         else ""})
         elif (folder / FAILURE).is_file():
             rows.append({"slide": name, "status": "failed",
                          "reason": read_json(folder / FAILURE).get("reason", ""), "report": ""})
@@ -64,7 +66,8 @@ def flat(row: dict[str, Any], markers: list[str]) -> dict[str, Any]:
         r = per.get(m, {})
         out[f"{m}_area_fraction"] = _round(r.get("area_fraction_above_threshold"))
         out[f"{m}_mean_probability"] = _round(r.get("mean_probability"))
-    out["stem_like_area_fraction"] = _round(s.get("stem_like", {}).get("area_fraction"))
+    out["stem_like_area_fraction"] = _round((s.get("stem_like") or {}).get("area_fraction"))
+    out["model"] = Path(str(s.get("model", {}).get("path", ""))).name if s else ""
     out["model_checksum"] = s.get("model", {}).get("checksum", "")
     out["report"] = row["report"]
     return out
@@ -110,9 +113,11 @@ def render(table: list[dict[str, Any]], markers: list[str], rows: list[dict[str,
             f"<td{' class=num' if 1 < i < len(cells) - 1 else ''}>{c}</td>"
             for i, c in enumerate(cells)) + "</tr>")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "not done")}
-    models = sorted({r["model_checksum"] for r in table if r["model_checksum"]})
-    note = "" if len(models) <= 1 else (
-        f'<p class="warnings">These slides were scored by {len(models)} different models.</p>')
+    models = sorted({(r["model"], r["model_checksum"]) for r in table if r["model_checksum"]})
+    named = ", ".join(f"<b>{esc(n)}</b> (checksum {esc(c[:12])})" for n, c in models)
+    note = (f"<p>Model: {named}.</p>" if len(models) == 1 else
+            f'<p class="warnings">These slides were scored by {len(models)} different models: '
+            f"{named}.</p>" if models else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -120,7 +125,7 @@ def render(table: list[dict[str, Any]], markers: list[str], rows: list[dict[str,
 <h1>Cohort report</h1>
 <p class="sub">{len(rows)} slides: {counts['done']} done, {counts['failed']} failed,
 {counts['not done']} not done. Area fractions are tissue above each marker's threshold;
-stem-like is any marker. Open a slide's name for its report.</p>{note}
+stem-like is any of the model's stem-cell markers. Open a slide's name for its report.</p>{note}
 <table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>
 {chr(10).join(body)}</table>
 <footer>{esc(f"histocsc {__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")}; the same

@@ -27,7 +27,7 @@ from histocsc.errors import (
     ModelNotFoundError,
 )
 from histocsc.io import file_checksum, write_json
-from histocsc.learn.metadata import decode_metadata
+from histocsc.learn.metadata import INPUT, OUTPUT, decode_metadata
 from histocsc.models import builtin_facts
 from histocsc.predict.model_check import check_batch, check_graph
 from histocsc.predict.outputs import SUMMARY, Tiles, thumbnail_mpp, write_outputs
@@ -102,7 +102,7 @@ class Engine:
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """Probabilities (N, markers) float32 for uint8 tiles (N, tile_px, tile_px, 3)."""
-        probs = self.session.run(["probabilities"], {"tiles": tiles})[0]
+        probs = self.session.run([OUTPUT], {INPUT: tiles})[0]
         check_batch(probs, self.path, self.markers)
         return probs
 
@@ -111,6 +111,11 @@ class Engine:
         return {"path": str(self.path.resolve()), "checksum": self.checksum,
                 **self.meta, "device": self.device, "threads": self.threads,
                 **builtin_facts(self.checksum)}
+
+
+# summary.json's words for where the slide's pixel size came from (Slide.mpp_source)
+MPP_SOURCES = {"file": "the slide file", "fallback": "--slide-mpp (the file records none)",
+               "given": "--override-slide-mpp (replaces what the file records)"}
 
 
 @dataclass
@@ -215,7 +220,8 @@ def infer_slide(
         stale.unlink(missing_ok=True)
     slide, note = open_with_pixel_size(slide_path, options.slide_mpp, options.override_slide_mpp)
     with slide:
-        for message in [note] * bool(note) + check_tiling(slide, engine.tile_px, engine.mpp):
+        warnings = [note] * bool(note) + check_tiling(slide, engine.tile_px, engine.mpp)
+        for message in warnings:
             (warn or print)(f"warning: {message}")
         tiles = make_tiles(slide, engine.tile_px, engine.mpp, options.min_tissue,
                            options.stride_px)
@@ -223,7 +229,8 @@ def infer_slide(
         thumb = slide.thumbnail(t_mpp)
         slide_info = {"name": slide_path.stem, "path": str(slide_path.resolve()),
                       "width": slide.dimensions[0], "height": slide.dimensions[1],
-                      "mpp": slide.mpp, "vendor": slide.vendor,
+                      "mpp": slide.mpp, "mpp_source": MPP_SOURCES[slide.mpp_source or "file"],
+                      "vendor": slide.vendor,
                       "checksum": file_checksum(slide_path)}
     t1 = time.perf_counter()
     probs = np.zeros((len(tiles.x), len(engine.markers)), np.float32)
@@ -244,6 +251,7 @@ def infer_slide(
                "tiles_per_s": len(tiles.x) / (t2 - t1) if t2 > t1 else 0.0}
     summary = write_outputs(out_dir, tiles, probs, thumb, t_mpp, engine.model_info(), slide_info,
                             timings)
+    summary["warnings"] = warnings
     t3 = time.perf_counter()
     timings |= {"outputs": t3 - t2, "total": t3 - t0}
     write_manifest(out_dir, manifest_for(engine, slide_path, slide_info["checksum"],

@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from histocsc.errors import ModelError
-
-INPUT, OUTPUT = "tiles", "probabilities"
+from histocsc.learn.metadata import INPUT, OUTPUT
 
 
 def check_graph(session: Any, path: Path, markers: list[str], tile_px: int) -> None:
@@ -19,17 +18,18 @@ def check_graph(session: Any, path: Path, markers: list[str], tile_px: int) -> N
     inputs = session.get_inputs()
     if [i.name for i in inputs] != [INPUT]:
         names = [i.name for i in inputs]
-        raise ModelError(f"{path}: expected one input named 'tiles', got {names}")
+        raise ModelError(f"{path}: expected one input named {INPUT!r}, got {names}")
     shape = list(inputs[0].shape)
     if len(shape) != 4 or (isinstance(shape[3], int) and shape[3] != 3):
-        raise ModelError(f"{path}: input 'tiles' must be (N, H, W, 3), the graph declares {shape}")
+        raise ModelError(f"{path}: input {INPUT!r} must be (N, H, W, 3), the graph declares "
+                         f"{shape}")
     declared = [d for d in shape[1:3] if isinstance(d, int)]
     if any(d != tile_px for d in declared):
         raise ModelError(f"{path}: the metadata says tile_px {tile_px} but the graph takes tiles "
                          f"of {shape[1]} x {shape[2]} px")
     outputs = {o.name: o for o in session.get_outputs()}
     if OUTPUT not in outputs:
-        raise ModelError(f"{path}: no output named 'probabilities' (outputs: {list(outputs)})")
+        raise ModelError(f"{path}: no output named {OUTPUT!r} (outputs: {list(outputs)})")
     out_shape = list(outputs[OUTPUT].shape)
     width = out_shape[-1] if out_shape else None
     if len(out_shape) != 2 or isinstance(width, int) and width != len(markers):

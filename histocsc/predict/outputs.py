@@ -95,11 +95,16 @@ def write_outputs(
         plot_heatmap(out_dir / name, thumbnail, thumb_mpp, tiles, grid[..., i], marker,
                      thresholds[marker], slide_info.get("name", ""))
         files.append(name)
-    plot_stem_map(out_dir / STEM_MAP, thumbnail, thumb_mpp, tiles, grid, markers, thresholds,
-                  slide_info.get("name", ""))
-    files.append(STEM_MAP)
+    stem_like = stem_like_markers(model)
+    if stem_like:
+        pick = [markers.index(m) for m in stem_like]
+        plot_stem_map(out_dir / STEM_MAP, thumbnail, thumb_mpp, tiles, grid[..., pick], stem_like,
+                      thresholds, slide_info.get("name", ""))
+        files.append(STEM_MAP)
+    else:
+        (out_dir / STEM_MAP).unlink(missing_ok=True)  # a rerun with another model
     tissue_grid = blend_grid(tiles, tiles.tissue_fraction[:, None].astype(np.float32))[..., 0]
-    summary = summarise(tiles, probs, markers, thresholds, grid, tissue_grid)
+    summary = summarise(tiles, probs, markers, thresholds, grid, tissue_grid, stem_like)
     return {"slide": slide_info, **summary, "model": model, "inference": inference_params(tiles),
             "timings_s": timings, "outputs": files}
 
@@ -182,14 +187,23 @@ def write_geojson(
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
 
 
+def stem_like_markers(model: dict[str, Any]) -> list[str]:
+    """The markers the model's stem-like map joins (its metadata; none for other markers)."""
+    from histocsc.learn.metadata import default_stem_like
+
+    chosen = model.get("stem_like_markers")
+    return list(default_stem_like(list(model["markers"])) if chosen is None else chosen)
+
+
 def summarise(
     tiles: Tiles, probs: np.ndarray, markers: list[str], thresholds: dict[str, float],
-    grid: np.ndarray, tissue_grid: np.ndarray,
+    grid: np.ndarray, tissue_grid: np.ndarray, stem_like: list[str] | None = None,
 ) -> dict[str, Any]:
     """Tissue area, and per marker: mean probability, tiles above threshold and the share of the
     tissue above threshold, read from the heatmap's score grid as the heatmap shows it (each cell
     weighted by the tissue fraction blended the same way; without overlap the cells are the
-    tiles)."""
+    tiles). The stem-like area joins the `stem_like` markers (default: all); None without any."""
+    stem_like = list(markers) if stem_like is None else stem_like
     cell_mm2 = float((tiles.step * tiles.slide_mpp) ** 2) / 1e6
     tissue_mm2 = float(np.sum(tiles.tissue_fraction)) * cell_mm2
     weight = np.nan_to_num(tissue_grid, nan=0.0).ravel()
@@ -203,7 +217,8 @@ def summarise(
     any_pos = np.zeros(len(scores), bool)
     for j, m in enumerate(markers):
         pos = np.nan_to_num(scores[:, j], nan=0.0) >= thresholds[m]
-        any_pos |= pos
+        if m in stem_like:
+            any_pos |= pos
         per_marker[m] = {
             "threshold": thresholds[m],
             "mean_probability": float(probs[:, j].mean()) if len(probs) else None,
@@ -216,10 +231,11 @@ def summarise(
         "tissue_area_mm2": tissue_mm2,
         "markers": per_marker,
         "stem_like": {
-            "definition": "tissue above threshold for at least one marker",
+            "markers": stem_like,
+            "definition": f"tissue above threshold for at least one of {', '.join(stem_like)}",
             "area_mm2": share(any_pos) * tissue_mm2,
             "area_fraction": share(any_pos),
-        },
+        } if stem_like else None,
     }
 
 

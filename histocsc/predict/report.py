@@ -24,7 +24,12 @@ import numpy as np
 
 from histocsc import __version__
 from histocsc.io import atomic_path, read_json
-from histocsc.predict.outputs import MARKER_COLORS, SCORE_GRID, SCORE_GRID_JSON
+from histocsc.predict.outputs import (
+    MARKER_COLORS,
+    SCORE_GRID,
+    SCORE_GRID_JSON,
+    stem_like_markers,
+)
 
 REPORT = "report.html"
 STEM = "stem_like"
@@ -89,8 +94,11 @@ def outline(mask: np.ndarray) -> np.ndarray:
 
 
 def marker_layers(grid: np.ndarray, markers: list[str], thresholds: dict[str, float],
-                  rows: np.ndarray, cols: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per layer name: (overlay RGBA, threshold-outline RGBA) at thumbnail size."""
+                  rows: np.ndarray, cols: np.ndarray, stem_like: list[str] | None = None,
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer name: (overlay RGBA, threshold-outline RGBA) at thumbnail size; the stem-like
+    layer joins the `stem_like` markers (default all; none: no such layer)."""
+    stem_like = list(markers) if stem_like is None else stem_like
     from matplotlib import colormaps
 
     cmap = colormaps["inferno"]
@@ -102,14 +110,17 @@ def marker_layers(grid: np.ndarray, markers: list[str], thresholds: dict[str, fl
         rgba = (cmap(p) * 255).astype(np.uint8)
         rgba[..., 3] = np.where(scored, 255, 0)
         above = scored & (p >= thresholds[m])
-        code |= above.astype(np.int64) << j
+        if m in stem_like:
+            code |= above.astype(np.int64) << stem_like.index(m)
         pix = upsample(rgba, rows, cols)
         layers[m] = (pix, outline(upsample(above.astype(np.uint8)[..., None], rows, cols)[..., 0]
                                   .astype(bool)))
+    if not stem_like:
+        return layers
     stem = np.zeros((*grid.shape[:2], 4), np.uint8)
     stem[scored] = BELOW
     for value in np.unique(code[code > 0]):
-        stem[code == value] = (*combo_rgb(int(value), markers), 255)
+        stem[code == value] = (*combo_rgb(int(value), stem_like), 255)
     pix = upsample(stem, rows, cols)
     layers[STEM] = (pix, outline(upsample((code > 0).astype(np.uint8)[..., None], rows, cols)
                                  [..., 0].astype(bool)))
@@ -160,10 +171,11 @@ def summary_table(summary: dict[str, Any]) -> str:
                     f"<td class=num>{r['tiles_above_threshold']}</td>"
                     f"<td class=num>{fmt(r['area_above_threshold_mm2'])}</td>"
                     f"<td class=num>{100 * r['area_fraction_above_threshold']:.1f}</td></tr>")
-    stem = summary.get("stem_like", {})
-    rows.append(f"<tr><th>stem-like</th><td></td><td></td><td></td>"
-                f"<td class=num>{fmt(stem.get('area_mm2'))}</td>"
-                f"<td class=num>{100 * stem.get('area_fraction', 0.0):.1f}</td></tr>")
+    stem = summary.get("stem_like")
+    if stem:
+        rows.append(f"<tr><th>stem-like</th><td></td><td></td><td></td>"
+                    f"<td class=num>{fmt(stem.get('area_mm2'))}</td>"
+                    f"<td class=num>{100 * stem.get('area_fraction', 0.0):.1f}</td></tr>")
     total = (f"<p>Tissue: <b>{fmt(summary.get('tissue_area_mm2'))} mm²</b> in "
              f"<b>{summary.get('tiles', 0)}</b> tiles.</p>")
     return f"{total}<table>{head}{''.join(rows)}</table>"
@@ -233,10 +245,11 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], thumbnail: np.nda
     markers, thresholds = list(geometry["markers"]), geometry["thresholds"]
     h, w = thumbnail.shape[:2]
     rows, cols = cell_index(geometry, h, w)
-    layers = marker_layers(grid, markers, thresholds, rows, cols)
     model = summary.get("model", {})
+    stem_like = stem_like_markers({"markers": markers, **model})
+    layers = marker_layers(grid, markers, thresholds, rows, cols, stem_like)
     card = builtin_card() if is_builtin(str(model.get("checksum", ""))) else None
-    first = STEM if len(markers) > 1 else markers[0]
+    first = STEM if STEM in layers and len(markers) > 1 else markers[0]
     buttons, images, legends = [], [], []
     for name, (overlay, edge) in layers.items():
         label = "stem-like map" if name == STEM else f"P({name}+)"
@@ -247,7 +260,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], thumbnail: np.nda
                       f'src="data:image/png;base64,{encode(overlay)}">')
         images.append(f'<img class="layer outline" data-layer="{esc(name)}" alt="" '
                       f'src="data:image/png;base64,{encode(edge)}">')
-        legends.append(legend(name, markers, thresholds))
+        legends.append(legend(name, stem_like if name == STEM else markers, thresholds))
     buttons.append('<label><input type="radio" name="layer" value="none"> none</label>')
     warnings = run_warnings(summary, card)
     notice = (f'<p class="notice"><b>Built-in demonstration model:</b> {esc(card["intended_use"])}.'
@@ -256,6 +269,8 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], thumbnail: np.nda
     page = Template(template(REPORT)).substitute(
         css=template("report.css"),
         slide_name=esc(summary.get("slide", {}).get("name", out_dir.name)),
+        subject=esc(subject(markers, stem_like)),
+        print_width=f"{min(170.0, 190.0 * w / h):.0f}mm",
         created=esc(time.strftime("Written %Y-%m-%d %H:%M %Z.")),
         notice=notice,
         warnings=("<ul class=warnings>" + "".join(f"<li>{esc(x)}</li>" for x in warnings)
@@ -274,6 +289,14 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], thumbnail: np.nda
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+def subject(markers: list[str], stem_like: list[str]) -> str:
+    """What the page shows, in the model's own words: 'stem-like (CD133 / CD44) regions' when the
+    model defines a stem-like map, else 'PanCK-positive regions'."""
+    if stem_like:
+        return f"stem-like ({' / '.join(stem_like)}) regions"
+    return f"{' / '.join(markers)}-positive regions"
 
 
 def legend(name: str, markers: list[str], thresholds: dict[str, float]) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-INPUT, OUTPUT = "tiles", "probabilities"
+from histocsc.learn.metadata import INPUT, OUTPUT  # noqa: F401 (re-exported)
+
 HEADER_LENGTH = "inference-header-content-length"
 
 

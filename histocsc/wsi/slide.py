@@ -68,7 +68,12 @@ class Slide(abc.ABC):
         self.vendor = ""
         self._open()
         self.dimensions: tuple[int, int] = tuple(self.level_dimensions[0])  # type: ignore[assignment]
-        self._mpp = mpp if mpp is not None else (self._mpp_from_file() or fallback_mpp)
+        recorded = None if mpp is not None else self._mpp_from_file()
+        self._mpp = mpp if mpp is not None else (recorded or fallback_mpp)
+        # where the pixel size came from: "given" (mpp), "file", "fallback" (fallback_mpp), None
+        self.mpp_source: str | None = (
+            "given" if mpp is not None else "file" if recorded else
+            "fallback" if fallback_mpp is not None else None)
 
     # -- what a backend provides ----------------------------------------------------------------
     @abc.abstractmethod
