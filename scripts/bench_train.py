@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
+from histocsc.learn.config import ModelConfig  # noqa: E402
 from histocsc.learn.data import TileDataModule  # noqa: E402
 from histocsc.learn.module import TileClassifier  # noqa: E402
 from histocsc.learn.train import TrainConfig, resolve_precision  # noqa: E402
@@ -212,7 +213,7 @@ def main() -> int:
         torch.manual_seed(0)
         return TileClassifier(
             markers=dm.markers,
-            backbone=args.backbone,
+            model=ModelConfig(backbone=args.backbone),
             tile_px=dm.tile_px,
             mpp=dm.mpp,
             channels_last=on_gpu,

@@ -84,17 +84,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, data: Path, *args: str,
-                   headers: dict[str, str] | None = None) -> Iterator[Server]:
-    """Start `histocsc serve`, wait until ready, stop it with SIGTERM on exit."""
+def running_server(model: Path, data: Path, *args: str, headers: dict[str, str] | None = None,
+                   root: Path = ROOT) -> Iterator[Server]:
+    """Start `histocsc serve` (the code in `root`), wait until ready, stop it with SIGTERM on
+    exit."""
     port = free_port()
     log = data.parent / f"{data.name}-{port}.log"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "NO_ALBUMENTATIONS_UPDATE": "1"}
     cmd = [sys.executable, "-m", "histocsc", "serve", "--model", str(model), "--port", str(port),
            "--data", str(data), "--device", "cpu", *args]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
     server = Server(f"http://127.0.0.1:{port}", proc, log, headers or {})
     try:
         deadline = time.monotonic() + 180
@@ -126,10 +127,100 @@ def stop(server: Server) -> int:
 
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
     """Poll a job until it is finished."""
+    return wait_state(client, job_id, ("succeeded", "failed", "cancelled"), timeout)
+
+
+def hostile_slide(path: Path, side: int = 40000, tile: int = 256) -> Path:
+    """A tiled TIFF of 394 KB declaring `side` x `side` px at 0.5 µm/px: one stored tile
+    (uncompressed pink tissue), which every tile offset points at. Opening it is instant;
+    its tissue mask decodes that tile ~25,000 times (about a minute and more)."""
+    import struct
+
+    n = (-(-side // tile)) ** 2
+    pixels = np.empty((tile, tile, 3), np.uint8)
+    pixels[:] = (225, 140, 185)
+    data = pixels.tobytes()
+    entries = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, None), (259, 3, 1, 1),
+               (262, 3, 1, 2), (277, 3, 1, 3), (282, 5, 1, None), (283, 5, 1, None),
+               (284, 3, 1, 1), (296, 3, 1, 3), (322, 3, 1, tile), (323, 3, 1, tile),
+               (324, 4, n, None), (325, 4, n, None)]
+    ifd_at = 8 + len(data)
+    extra_at = ifd_at + 2 + 12 * len(entries) + 4
+    extras = {258: struct.pack("<3H", 8, 8, 8), 282: struct.pack("<2I", 20000, 1),
+              283: struct.pack("<2I", 20000, 1), 324: struct.pack(f"<{n}I", *[8] * n),
+              325: struct.pack(f"<{n}I", *[len(data)] * n)}
+    ifd, blob = [struct.pack("<H", len(entries))], b""
+    for tag, kind, count, value in entries:
+        if value is None:
+            ifd.append(struct.pack("<HHII", tag, kind, count, extra_at + len(blob)))
+            blob += extras[tag]
+        elif kind == 3:
+            ifd.append(struct.pack("<HHIHH", tag, kind, count, value, 0))
+        else:
+            ifd.append(struct.pack("<HHII", tag, kind, count, value))
+    ifd.append(struct.pack("<I", 0))
+    path.write_bytes(b"II*\x00" + struct.pack("<I", ifd_at) + data + b"".join(ifd) + blob)
+    return path
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (the slide-job worker of a server)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def limit_writes(pids: list[int], limit: int) -> None:
+    """Set RLIMIT_FSIZE of running processes: 0 makes every file write fail (EFBIG), as a full
+    disk does; RLIM_INFINITY frees the space again."""
+    import resource
+
+    for pid in pids:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def raw_request(url: str, head: bytes, timeout: float = 30) -> socket.socket:
+    """A socket to the server of `url` that has sent `head` (a request, whole or in part)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.sendall(head)
+    return sock
+
+
+def multipart(name: str, data: bytes, boundary: str = "histocsc-test-boundary") -> tuple[
+        bytes, str]:
+    """A multipart/form-data body with one `slide` file, and its content type."""
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"slide\"; "
+            f"filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    body += data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def wait_state(client: httpx.Client, job_id: str, states: tuple[str, ...],
+               timeout: float = 120) -> dict:
+    """Poll a job until its state is one of `states`."""
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
+        if job["state"] in states:
             return job
         assert time.monotonic() < deadline, job
-        time.sleep(0.2)
+        time.sleep(0.1)
+
+
+def read_reply(sock: socket.socket) -> str:
+    """The status line, headers and body of one HTTP reply on a raw socket ('' if closed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")

@@ -18,7 +18,7 @@ from PIL import Image
 from histocsc.ihc.registration import RegistrationConfig, register, register_arrays
 from histocsc.ihc.registration.images import array_thumb, prepare
 from histocsc.ihc.registration.pipeline import assess_transform
-from histocsc.ihc.registration.qc import flag_roundtrip, inverse_consistency
+from histocsc.ihc.registration.qc import flag_roundtrip, inverse_consistency, judge, poor_reasons
 from histocsc.ihc.transform import Mapping, invert_mapping, read_points_csv
 from histocsc.synthetic.generate import make_case
 from histocsc.synthetic.pairs import (
@@ -55,6 +55,31 @@ def test_lung_lesion_pair_lands_within_the_landmark_fit(lung) -> None:
     err = median_tre(result.transform, pf, pm)
     assert err <= 7.0, err  # landmark-fitted affine: 5.8 px
     assert not result.poor, result.error
+
+
+def test_lung_accepted_under_the_tile_scaled_limit(lung) -> None:
+    """32 px H&E tiles at 5 µm/px are 160 µm: 25 % of that, 40 µm, is the limit; the lung pair
+    (landmark error about 25 µm) passes it, and the same estimate fails a limit below it."""
+    f, m, pf, pm, result = lung
+    limit = 0.25 * 32 * 5.0
+    assert median_tre(result.transform, pf, pm) * 5.0 <= limit
+    assert judge(result.error, limit) == (False, [])
+    estimate = result.error["residual_um_median"]
+    poor, why = judge(result.error, estimate - 1)
+    assert poor and "block residual" in why[0]
+
+
+def test_a_low_share_of_clear_blocks_lowers_confidence_only() -> None:
+    error = {"feature_inliers": 0, "feature_agree": 0, "blocks": 20, "blocks_tried": 200,
+             "blocks_clear_fraction": 0.1, "residual_um_median": 20.0, "residual_um_p95": 50.0,
+             "tissue_overlap": 0.9}
+    poor, why = poor_reasons(error, RegistrationConfig(poor_error_um=40))
+    assert not poor and error["confidence"] == "low" and error["confidence_notes"]
+    error.update(residual_um_p95=200.0)  # ... unless the clear blocks scatter widely
+    assert poor_reasons(error, RegistrationConfig(poor_error_um=40))[0]
+    error.update(blocks=3, blocks_clear_fraction=0.5, residual_um_p95=20.0)
+    poor, why = poor_reasons(error, RegistrationConfig(poor_error_um=40))
+    assert poor and "too few" in why[0]
 
 
 def test_kidney_central_crop(real_data: Path) -> None:

@@ -181,7 +181,7 @@ def test_bad_tile_requests_are_400_naming_the_problem(server) -> None:
         res = infer_raw(http, b"{}", {"Inference-Header-Content-Length": "99"})
         assert res.status_code == 400 and "Inference-Header-Content-Length" in res.text
         assert infer_raw(http, tensor(good), model="nope").status_code == 404
-        res = infer_raw(http, b"x" * (64 * TILE * TILE * 3 * 4 + 70000))
+        res = infer_raw(http, b"x" * (64 * TILE * TILE * 3 * 8 + 70000))
         assert res.status_code == 413 and "larger than" in res.json()["error"]
     assert "Traceback" not in server.log_text()
 

@@ -362,3 +362,27 @@ def test_metrics_survive_a_marker_with_every_tile_ignored() -> None:
     assert out["CD133"]["auroc"] == pytest.approx(0.75)  # 3 of the 4 pairs ranked right
     assert out["CD133"]["positive"] == 2 and out["CD133"]["negative"] == 2
     assert math.isnan(out["CD44"]["auroc"]) and out["CD44"]["positive"] == 0
+
+
+def test_checkpoint_before_calibration_holds_the_documented_threshold(cohort: Path,
+                                                                      tmp_path: Path) -> None:
+    """An interrupted run's last.ckpt (fit done, calibration not) carries the rule's 0.5, not a
+    per-marker Youden cut of the validation tiles."""
+    import lightning as L
+    import torch
+
+    from histocsc.learn.data import TileDataModule
+    from histocsc.learn.model import META_KEY
+    from histocsc.learn.train import build_module, build_trainer
+
+    cfg = ci_config(cohort, tmp_path / "run", **{"trainer.max_epochs": 2})
+    L.seed_everything(0)
+    data = TileDataModule(cfg.data, seed=0)
+    data.setup("fit")
+    module = build_module(cfg, data, on_gpu=False)
+    trainer, _, _ = build_trainer(cfg, tmp_path / "run", "32-true")
+    trainer.fit(module, datamodule=data)
+    meta = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)[META_KEY]
+    assert meta["thresholds"] == {m: 0.5 for m in MARKERS}
+    assert all("threshold" not in row for row in meta["summary"]["val"].values())
+    assert meta["summary"]["val"]["CD133"]["auroc"] > 0.5

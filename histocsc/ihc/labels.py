@@ -20,12 +20,23 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pydantic import Field, model_validator
 
-from histocsc.config import StrictModel
 from histocsc.errors import LabelError
+from histocsc.ihc.cell_labels import (
+    CHUNK_PX,
+    MARGIN_UM,
+    TileCells,
+    chunks_under_tiles,
+    count_in_tiles,
+    detect_slide_cells,
+)
+from histocsc.ihc.cells import classify, compartment_for
 from histocsc.ihc.deconvolution import dab_background, dab_od_from_od, optical_density
-from histocsc.io import atomic_path
+from histocsc.ihc.label_config import CUTS, LabelConfig, MarkerThresholds
+from histocsc.ihc.label_map import LABEL_COLOURS, write_label_map
+
+__all__ = ["LABEL_COLOURS", "LabelConfig", "MarkerLabels", "MarkerThresholds", "label_slide",
+           "write_label_map"]
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 """Maps (N, 2) level-0 (x, y) points of the H&E onto level-0 points of the IHC."""
@@ -35,85 +46,18 @@ MAP_STEP = 4  # the transform is evaluated every MAP_STEP label pixels, bilinear
 BACKGROUND_MPP_FACTOR = 2  # the background tint is estimated at this x label_mpp
 
 
-class MarkerThresholds(StrictModel):
-    """Per-marker replacements for the thresholds of LabelConfig (unset: the shared value)."""
-
-    dab_od_threshold: float | None = Field(None, ge=0)
-    tissue_od_threshold: float | None = Field(None, ge=0)
-    positive_fraction: float | None = Field(None, ge=0, le=1)
-    negative_fraction: float | None = Field(None, ge=0, le=1)
-    min_tissue_fraction: float | None = Field(None, ge=0, le=1)
-
-
-class LabelConfig(StrictModel):
-    """How IHC stain becomes a tile label. Optical densities are base-10 OD units."""
-
-    markers: list[str] | None = Field(
-        None, description="markers to label; None = every marker column of the cohort"
-    )
-    label_mpp: float = Field(2.0, gt=0, description="µm/px at which the IHC is measured")
-    dab_od_threshold: float = Field(
-        0.15, ge=0, description="DAB optical density (base-10 OD) above which a pixel is positive"
-    )
-    dab_background: bool = Field(
-        True, description="raise the DAB threshold per slide above its background tint"
-    )
-    dab_background_margin: float = Field(
-        0.1, ge=0, description="positive: DAB OD above the slide's background by this much"
-    )
-    tissue_od_threshold: float = Field(
-        0.15, ge=0, description="summed RGB optical density (base-10 OD) above which it is tissue"
-    )
-    positive_fraction: float = Field(
-        0.3, ge=0, le=1, description="tile label 1 when the DAB-positive tissue fraction >= this"
-    )
-    negative_fraction: float = Field(
-        0.2, ge=0, le=1, description="tile label 0 when the DAB-positive tissue fraction <= this"
-    )
-    min_tissue_fraction: float = Field(
-        0.2, ge=0, le=1, description="tiles whose IHC footprint holds less tissue are ignored (-1)"
-    )
-    max_registration_error_um: float = Field(
-        45.0, gt=0, description="a marker whose registration error estimate exceeds this is flagged"
-    )
-    min_error_blocks: int = Field(5, ge=1, description="blocks an error estimate needs to count")
-    min_tissue_overlap: float = Field(
-        0.75, ge=0, le=1, description="a marker whose registered tissue overlaps less is flagged"
-    )
-    label_map_max_px: int = Field(2048, ge=64, description="longest side of label_map_<M>.png")
-    per_marker: dict[str, MarkerThresholds] = Field(
-        default_factory=dict, description="thresholds that differ for a marker, by marker name"
-    )
-
-    @model_validator(mode="after")
-    def _band(self) -> LabelConfig:
-        for name in [None, *self.per_marker]:
-            cfg = self if name is None else self.for_marker(name)
-            if cfg.negative_fraction >= cfg.positive_fraction:
-                where = "" if name is None else f"per_marker.{name}: "
-                raise ValueError(
-                    f"{where}negative_fraction ({cfg.negative_fraction}) must be below "
-                    f"positive_fraction ({cfg.positive_fraction})"
-                )
-        return self
-
-    def for_marker(self, marker: str) -> LabelConfig:
-        """This configuration with `marker`'s own thresholds applied (no validation rerun)."""
-        extra = self.per_marker.get(marker)
-        if extra is None:
-            return self
-        update = {k: v for k, v in extra.model_dump().items() if v is not None}
-        return self.model_copy(update={**update, "per_marker": {}})
-
-
 @dataclass
 class MarkerLabels:
-    """Per tile: DAB-positive fraction of IHC tissue, IHC tissue fraction, label."""
+    """Per tile: DAB-positive fraction of IHC tissue, IHC tissue fraction, label; with a cell
+    rule (or `count_cells`) the tile's cell counts too."""
 
     fraction: np.ndarray  # float, NaN where the footprint holds no IHC tissue
     tissue: np.ndarray  # float in [0, 1]
     label: np.ndarray  # int8: 1 positive, 0 negative, -1 ignored
     dab_od_threshold: float | None = None  # the threshold used on this slide
+    cells: TileCells | None = None  # per tile cell counts, when cells were detected
+    cell_points: np.ndarray | None = None  # (N, 3): H&E level-0 x, y and class 0-3 per cell
+    rule: str = "pixel_fraction"
 
 
 def slide_dab_threshold(rgb: np.ndarray, cfg: LabelConfig) -> float:
@@ -125,10 +69,14 @@ def slide_dab_threshold(rgb: np.ndarray, cfg: LabelConfig) -> float:
     """
     if not cfg.dab_background:
         return cfg.dab_od_threshold
+    return max(cfg.dab_od_threshold, slide_background(rgb, cfg) + cfg.dab_background_margin)
+
+
+def slide_background(rgb: np.ndarray, cfg: LabelConfig) -> float:
+    """The slide's non-specific DAB OD: median DAB OD of its clearly negative tissue."""
     od = optical_density(rgb)
     tissue = od.sum(axis=-1) > cfg.tissue_od_threshold
-    background = dab_background(dab_od_from_od(od), tissue, cfg.dab_od_threshold)
-    return max(cfg.dab_od_threshold, background + cfg.dab_background_margin)
+    return dab_background(dab_od_from_od(od), tissue, cfg.dab_od_threshold)
 
 
 def positive_fraction(rgb: np.ndarray, cfg: LabelConfig) -> float:
@@ -312,9 +260,13 @@ def label_slide(
     he_to_ihc: PointMap,
     cfg: LabelConfig,
     ihc_mpp: float | None = None,
+    ihc_to_he: PointMap | None = None,
+    marker: str = "",
 ) -> MarkerLabels:
     """Label every H&E tile from one IHC slide, reading the IHC under the tiles once
-    (`ihc_mpp`: its pixel size when the file records none)."""
+    (`ihc_mpp`: its pixel size when the file records none). A cell rule (or `count_cells`)
+    also detects the cells under the tiles, which needs `ihc_to_he`; `marker` picks the
+    compartment preset."""
     from histocsc.wsi.slide import open_slide
 
     if not len(tiles_xywh):
@@ -326,47 +278,69 @@ def label_slide(
             raise LabelError(f"{ihc_path}: the H&E tiles map outside the IHC slide")
         x, y, w, h = region
         view = slide.read(x, y, w, h, max(slide.mpp, BACKGROUND_MPP_FACTOR * cfg.label_mpp))
+        background = slide_background(view, cfg) if cfg.dab_background else 0.0
         threshold = slide_dab_threshold(view, cfg)
         cfg = cfg.model_copy(update={"dab_od_threshold": threshold})
         maps = read_stain_maps(slide, cfg, region)
+        ihc_slide_mpp = slide.mpp
     if not maps.tissue.any():
         raise LabelError(
             f"{ihc_path}: no tissue found under the H&E tiles at {cfg.label_mpp} µm/px"
         )
     result = measure_tiles(tiles_xywh, he_mpp, maps, he_to_ihc, cfg)
     result.dab_od_threshold = threshold
+    if cfg.wants_cells():
+        if ihc_to_he is None:
+            raise LabelError(f"{ihc_path}: cell labels need the IHC -> H&E transform")
+        cells_under_tiles(result, tiles_xywh, ihc_path, ihc_slide_mpp, ihc_mpp, maps, region,
+                          (he_to_ihc, ihc_to_he), cfg, marker, max(0.0, background))
+    result.rule = cfg.rule
+    result.label = rule_labels(result, cfg)
     return result
 
 
-LABEL_COLOURS = {1: (220, 30, 30), 0: (30, 180, 60), -1: (150, 150, 150)}
-
-
-def write_label_map(
-    path: str | Path,
-    thumbnail: np.ndarray,
-    thumb_scale: float,
-    tiles_xywh: np.ndarray,
-    label: np.ndarray,
-    alpha: float = 0.45,
+def cells_under_tiles(
+    result: MarkerLabels, tiles_xywh: np.ndarray, ihc_path, ihc_slide_mpp: float,
+    ihc_mpp: float | None, maps: IhcMaps, region: tuple[int, int, int, int],
+    transforms: tuple[PointMap, PointMap], cfg: LabelConfig, marker: str, dab_offset: float,
 ) -> None:
-    """PNG of the H&E thumbnail with tiles painted: red positive, green negative, grey ignored.
+    """Detect the IHC cells under the tiles and count them per tile (into `result`, in place).
 
-    `thumb_scale` is thumbnail px per H&E level-0 px.
-    """
-    from PIL import Image
+    `dab_offset`: the slide's non-specific DAB tint, subtracted from every cell's DAB OD."""
+    he_to_ihc, ihc_to_he = transforms
+    xywh = np.asarray(tiles_xywh, np.float64).reshape(-1, 4)
+    centres = he_to_ihc(xywh[:, :2] + xywh[:, 2:] / 2)
+    reach = 0.75 * float(np.hypot(*xywh[:, 2:].max(axis=0)))  # half diagonal and slack
+    step = CHUNK_PX * max(cfg.cells.cell_mpp, ihc_slide_mpp) / ihc_slide_mpp
+    margin = (MARGIN_UM + cfg.cells.cell_expansion_um) / ihc_slide_mpp
 
-    colour = np.zeros(thumbnail.shape, np.uint8)
-    painted = np.zeros(thumbnail.shape[:2], bool)
-    xywh = np.asarray(tiles_xywh, dtype=np.float64).reshape(-1, 4)
-    boxes = np.rint(
-        np.stack([xywh[:, 0], xywh[:, 1], xywh[:, 0] + xywh[:, 2], xywh[:, 1] + xywh[:, 3]], 1)
-        * thumb_scale
-    ).astype(np.int64)
-    for value in (-1, 0, 1):  # positives painted last, on top where tiles overlap
-        for x0, y0, x1, y1 in boxes[label == value]:
-            colour[y0:y1, x0:x1] = LABEL_COLOURS[value]
-            painted[y0:y1, x0:x1] = True
-    out = thumbnail.astype(np.float32)
-    out[painted] = (1 - alpha) * out[painted] + alpha * colour[painted]
-    with atomic_path(path) as tmp:
-        Image.fromarray(out.round().astype(np.uint8)).save(tmp, format="PNG")
+    def has_tissue(x0: int, y0: int, x1: int, y1: int) -> bool:
+        ox, oy = maps.origin
+        sx, sy = maps.scale
+        j0, i0 = int((x0 - ox) * sx), int((y0 - oy) * sy)
+        j1, i1 = int(math.ceil((x1 - ox) * sx)), int(math.ceil((y1 - oy) * sy))
+        return bool(maps.tissue[max(0, i0) : i1, max(0, j0) : j1].any())
+
+    chunks = chunks_under_tiles(region, centres, reach, step, margin, has_tissue)
+    compartment = compartment_for(marker, cfg.compartment)
+    cells = detect_slide_cells(ihc_path, ihc_mpp, chunks, cfg.cells, compartment == "nuclear",
+                               dab_offset, cfg.cell_workers)
+    classes = classify(cells, compartment, cfg.cells)
+    he_xy = np.asarray(ihc_to_he(np.column_stack([cells.x, cells.y])), np.float64)
+    he_xy = he_xy.reshape(-1, 2)
+    result.cells = count_in_tiles(tiles_xywh, he_xy[:, 0], he_xy[:, 1], classes)
+    result.cell_points = np.column_stack([he_xy, classes]).astype(np.float32)
+
+
+def rule_labels(result: MarkerLabels, cfg: LabelConfig) -> np.ndarray:
+    """Labels by the configured rule: pixel fraction, share of positive cells, or H-score."""
+    if cfg.rule == "pixel_fraction" or result.cells is None:
+        return to_labels(result.fraction, result.tissue, cfg)
+    value = result.cells.positive_fraction if cfg.rule == "positive_cells" else result.cells.hscore
+    low, high = (getattr(cfg, name) for name in CUTS[cfg.rule])
+    label = np.full(value.shape, -1, np.int8)
+    valid = (result.tissue >= cfg.min_tissue_fraction) & (result.cells.cells >= cfg.min_cells)
+    valid &= np.isfinite(value)
+    label[valid & (value >= high)] = 1
+    label[valid & (value <= low)] = 0
+    return label

@@ -49,6 +49,8 @@ class DataConfig(StrictModel):
     pin_memory: bool = True
     prefetch_factor: int = Field(4, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    # encoder feature cache (frozen encoders); null: <root>/features/<backbone>
+    features: str | None = None
 
 
 class TileDataset(Dataset):
@@ -119,6 +121,24 @@ class TileDataset(Dataset):
         return tile, self.labels[i]
 
 
+class FeatureDataset(Dataset):
+    """Cached encoder features of several cases; items are (float features, labels)."""
+
+    def __init__(self, cases: list[CaseTiles], features: dict[str, np.ndarray]) -> None:
+        self.cases = cases
+        parts = [features[c.case][c.rows] for c in cases]
+        dim = next((f.shape[1] for f in features.values()), 0)
+        self.features = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, dim))
+        self.labels = (np.concatenate([c.labels for c in cases]).astype(np.float32)
+                       if cases else np.zeros((0, 0), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.features[i], self.labels[i]
+
+
 def collate_tiles(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack (tile, labels) pairs into uint8 (N, H, W, 3) and float (N, markers) tensors."""
     tiles = np.stack([t for t, _ in items])
@@ -157,6 +177,7 @@ class TileDataModule(L.LightningDataModule):
         self.pos_weight: torch.Tensor | None = None
         self.tile_px = 0
         self.mpp = 0.0
+        self.feature_cache: dict[str, Any] | None = None  # set by train's prepare_features
         self._ready = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -201,6 +222,16 @@ class TileDataModule(L.LightningDataModule):
             self.datasets[s] = TileDataset(self.cases[s], self.cfg.source, aug)
         self.pos_weight = self._pos_weight()
         self._ready = True
+
+    def use_features(self, features: dict[str, np.ndarray]) -> None:
+        """Serve cached features (case -> (N, D), rows as tiles.npy) instead of tiles: no
+        image augmentation applies."""
+        for s in SPLITS:
+            for c in self.cases[s]:
+                if len(features[c.case]) <= int(c.rows.max(initial=-1)):
+                    raise DataError(f"{c.folder}: the feature cache holds "
+                                    f"{len(features[c.case])} rows, fewer than the tiles")
+            self.datasets[s] = FeatureDataset(self.cases[s], features)  # type: ignore[assignment]
 
     def _check_labels(self) -> None:
         self.warnings = check_labels(self.root, self.markers, self.cases)
@@ -271,6 +302,8 @@ class TileDataModule(L.LightningDataModule):
             "warnings": self.warnings,
             "pos_weight": {m: float(w) for m, w in zip(self.markers, pw.tolist(), strict=True)},
         }
+        if self.feature_cache is not None:
+            out["features"] = self.feature_cache
         for s in SPLITS:
             cases = self.cases[s]
             y = np.concatenate([c.labels for c in cases]) if cases else np.zeros((0, 0))

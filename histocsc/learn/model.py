@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from histocsc.errors import ModelError, ModelNotFoundError
+from histocsc.learn.encoders import PRESETS, TIMM_PREFIX, encoder_spec, is_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,24 +67,33 @@ TINY = "tiny"
 
 
 def backbone_names() -> list[str]:
-    """Every backbone name `build_model` accepts."""
-    return [TINY, *BACKBONES]
+    """Every backbone name `build_model` accepts (and timm:<architecture>)."""
+    return [TINY, *BACKBONES, *PRESETS]
 
 
 def check_backbone(name: str) -> None:
     """Raise ModelError unless `name` is a known backbone."""
-    if name != TINY and name not in BACKBONES:
-        raise ModelError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}")
+    if name.startswith(TIMM_PREFIX):
+        encoder_spec(name)
+    elif name != TINY and name not in BACKBONES and name not in PRESETS:
+        raise ModelError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}"
+                         f" or {TIMM_PREFIX}<architecture>")
 
 
 def build_model(
-    backbone: str, num_outputs: int, weights_path: str | Path | None = None
+    backbone: str, num_outputs: int, weights_path: str | Path | None = None,
+    encoder_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A classifier with `num_outputs` logits (one per marker), optionally initialised from a
-    local weights file (a torchvision/ImageNet state dict or a checkpoint holding one)."""
+    local weights file (a torchvision/ImageNet state dict or a checkpoint holding one; for an
+    encoder, its authors' state dict). `encoder_options`: backbone_kwargs, head, head_hidden,
+    head_dropout, freeze (encoders only); with features_only, no encoder (a head on cached
+    features of embedding size `dim`)."""
     check_backbone(backbone)
     if num_outputs < 1:
         raise ModelError(f"a model needs at least one output, got {num_outputs}")
+    if is_encoder(backbone):
+        return build_tilenet(backbone, num_outputs, weights_path, encoder_options or {})
     if backbone == TINY:
         model: nn.Module = TinyCNN(num_outputs)
         head = "fc"
@@ -98,6 +108,23 @@ def build_model(
     if old.out_features != num_outputs:
         _set_submodule(model, head, nn.Linear(old.in_features, num_outputs))
     return model
+
+
+def build_tilenet(backbone: str, num_outputs: int, weights_path: str | Path | None,
+                  opts: dict[str, Any]) -> nn.Module:
+    """Encoder + head (histocsc.learn.tilenet); no encoder with opts["features_only"]."""
+    from histocsc.learn.tilenet import Head, TileNet, build_encoder, freeze
+
+    encoder = None
+    if opts.get("features_only"):
+        dim = int(opts["dim"])
+    else:
+        encoder = build_encoder(backbone, opts.get("backbone_kwargs"), weights_path)
+        freeze(encoder, opts.get("freeze", "none"))
+        dim = encoder.dim
+    head = Head(dim, num_outputs, opts.get("head", "linear"), int(opts.get("head_hidden", 256)),
+                float(opts.get("head_dropout", 0.0)))
+    return TileNet(encoder, head)
 
 
 def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -193,11 +220,32 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta.setdefault("summary", {})
     meta["output"] = "logits"
     meta["checkpoint"] = str(ckpt_path)
-    model = build_model(meta["backbone"], len(markers))
     state = {k[len("model.") :]: v for k, v in data["state_dict"].items() if k.startswith("model.")}
+    in_ckpt = meta.get("encoder_in_checkpoint", True)
+    weights = None if in_ckpt else _encoder_weights(meta, ckpt_path)
+    opts = {k: v for k, v in (meta.get("encoder_options") or {}).items() if k != "freeze"}
+    model = build_model(meta["backbone"], len(markers), weights, opts)
+    if not in_ckpt:  # a head trained on cached features: the encoder came from its file
+        state = {**{k: v for k, v in model.state_dict().items() if k.startswith("encoder.")},
+                 **state}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelError(f"{ckpt_path}: weights do not fit {meta['backbone']!r}: {exc}") from exc
     model.eval()
     return model, meta
+
+
+def _encoder_weights(meta: dict[str, Any], ckpt: Path) -> Path:
+    """The encoder weights file a head-only checkpoint names, checked against its checksum."""
+    from histocsc.learn.weights import check_weights_path, weights_checksum
+
+    if not meta.get("weights_path"):
+        raise ModelError(f"{ckpt}: a head trained on cached features, but no encoder weights "
+                         "file is recorded")
+    path = check_weights_path(meta["weights_path"])
+    want, got = meta.get("weights_checksum", ""), weights_checksum(path)
+    if want and want != got:
+        raise ModelError(f"{path}: checksum {got} is not the {want} this model was trained "
+                         f"with ({ckpt}); the encoder weights file changed")
+    return path

@@ -5,6 +5,7 @@ test."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,10 +15,12 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
-    binary_roc,
 )
 
-from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, build_model
+from histocsc.learn.calibration import DEFAULT_THRESHOLD
+from histocsc.learn.config import ModelConfig, OptimConfig, normalisation
+from histocsc.learn.model import META_KEY, build_model
+from histocsc.learn.tilenet import TileNet, param_groups
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None):
@@ -36,7 +39,8 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Ten
 
 
 class MarkerMetrics(Metric):
-    """Per-marker AUROC, average precision and a Youden threshold over labelled tiles."""
+    """Per-marker AUROC and average precision over labelled tiles (no threshold: the one
+    threshold rule is histocsc.learn.calibration's, applied when the run finishes)."""
 
     full_state_update = False
 
@@ -63,11 +67,8 @@ class MarkerMetrics(Metric):
             if pos and neg:
                 row["auroc"] = float(aurocs[j])
                 row["ap"] = float(binary_average_precision(p, t))
-                fpr, tpr, thr = binary_roc(p, t)
-                best = int(torch.argmax(tpr - fpr))
-                row["threshold"] = float(min(1.0, max(0.0, float(thr[best]))))
             else:
-                row.update(auroc=math.nan, ap=math.nan, threshold=0.5)
+                row.update(auroc=math.nan, ap=math.nan)
             out[marker] = row
         return out
 
@@ -106,28 +107,37 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
 
 
 class TileClassifier(L.LightningModule):
-    """One logit per marker from a tile. Batches arrive as uint8 NHWC and are normalised here."""
+    """One logit per marker from a tile. Batches arrive as uint8 NHWC and are normalised here;
+    with `features_dim`, batches are cached encoder features (N, D) and only the head trains."""
 
     def __init__(
         self,
         markers: list[str],
-        backbone: str = "resnet18",
-        weights_path: str | None = None,
+        model: ModelConfig | None = None,
+        optim: OptimConfig | None = None,
         tile_px: int = 224,
         mpp: float = 0.5,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        schedule: str = "cosine",
-        warmup_epochs: float = 0.0,
         pos_weight: list[float] | None = None,
         channels_last: bool = False,
         data_summary: dict[str, Any] | None = None,
+        features_dim: int | None = None,
+        weights_checksum: str = "",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["data_summary"])
-        self.model = build_model(backbone, len(markers), weights_path)
+        self.model_cfg = model or ModelConfig()
+        self.optim_cfg = optim or OptimConfig()
+        mean, std = normalisation(self.model_cfg)
+        self.save_hyperparameters({
+            "markers": list(markers), "model": self.model_cfg.model_dump(mode="json"),
+            "optim": self.optim_cfg.model_dump(mode="json"), "tile_px": int(tile_px),
+            "mpp": float(mpp), "mean": list(mean), "std": list(std),
+            "channels_last": bool(channels_last), "features_dim": features_dim,
+        })
+        self.weights_checksum = weights_checksum
+        self.model = build_model(self.model_cfg.backbone, len(markers),
+                                 None if features_dim else self.model_cfg.weights_path,
+                                 {**self.encoder_options(), "features_only": bool(features_dim),
+                                  "dim": features_dim, "freeze": self.model_cfg.freeze})
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -136,13 +146,23 @@ class TileClassifier(L.LightningModule):
         self.register_buffer("pos_weight", pw.float(), persistent=False)
         self.val_metrics = MarkerMetrics(markers)
         self.test_metrics = MarkerMetrics(markers)
-        self.thresholds = {m: 0.5 for m in markers}
+        # the calibrated rule's cut; a checkpoint saved before calibration (an interrupted run)
+        # holds 0.5 on the uncalibrated model, as the rule says for an uncalibrated model
+        self.thresholds = {m: DEFAULT_THRESHOLD for m in markers}
         self.last_val: dict[str, dict[str, float]] = {}
-        self.val_epoch = -1  # the epoch whose validation gave last_val and thresholds
+        self.val_epoch = -1  # the epoch whose validation gave last_val
         self.test_results: dict[str, dict[str, float]] = {}
         self.data_summary = data_summary or {}
 
+    def encoder_options(self) -> dict[str, Any]:
+        """What rebuilds the encoder and head (load_trained)."""
+        m = self.model_cfg
+        return {"backbone_kwargs": dict(m.backbone_kwargs), "head": m.head,
+                "head_hidden": m.head_hidden, "head_dropout": m.head_dropout}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.features_dim:
+            return self.model.head(x)
         return self.model(x)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -196,7 +216,6 @@ class TileClassifier(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.last_val = results
             self.val_epoch = int(self.current_epoch)
-            self.thresholds = {m: r["threshold"] for m, r in results.items()}
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute()
@@ -205,14 +224,19 @@ class TileClassifier(L.LightningModule):
         self._log_metrics("test", results)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        hp = self.optim_cfg
+        if isinstance(self.model, TileNet):
+            groups: Any = param_groups(self.model, hp.lr, hp.weight_decay, hp.layer_decay)
+        else:
+            groups = self.parameters()
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "none":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.lr, total_steps=total, pct_start=0.3
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+                pct_start=0.3,
             )
         else:
             epochs = max(1, self.trainer.max_epochs or 1)
@@ -226,11 +250,11 @@ class TileClassifier(L.LightningModule):
     def model_meta(self) -> dict[str, Any]:
         """What `load_trained` needs to rebuild and use the model."""
         hp = self.hparams
-        return {
+        meta = {
             "markers": list(hp.markers),
             "tile_px": int(hp.tile_px),
             "mpp": float(hp.mpp),
-            "backbone": hp.backbone,
+            "backbone": self.model_cfg.backbone,
             "mean": [float(v) for v in hp.mean],
             "std": [float(v) for v in hp.std],
             "thresholds": dict(self.thresholds),
@@ -240,6 +264,27 @@ class TileClassifier(L.LightningModule):
                 "val": self.last_val,
                 "data": self.data_summary,
             },
+        }
+        if isinstance(self.model, TileNet):
+            meta.update(self.encoder_meta())
+        return meta
+
+    def encoder_meta(self) -> dict[str, Any]:
+        """The encoder keys of the metadata: how to rebuild it, where its weights are."""
+        from histocsc.learn.encoders import encoder_spec
+
+        spec = encoder_spec(self.model_cfg.backbone)
+        enc = self.model.encoder
+        weights = self.model_cfg.weights_path
+        return {
+            "encoder_options": self.encoder_options(),
+            "encoder_in_checkpoint": enc is not None,
+            "weights_path": str(Path(weights).resolve()) if weights else None,
+            "weights_checksum": self.weights_checksum,
+            "encoder": {"name": spec.name, "architecture": spec.architecture,
+                        "input_px": enc.input_px if enc else None, "embedding": spec.embedding,
+                        "embedding_dim": enc.dim if enc else self.hparams.features_dim,
+                        "trained_mpp": spec.mpp, "freeze": self.model_cfg.freeze},
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

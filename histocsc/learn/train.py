@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,80 +23,30 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
-from pydantic import Field, field_validator
 
 from histocsc import __version__
-from histocsc.config import StrictModel, load_config
 from histocsc.errors import ConfigError, ModelError, ModelNotFoundError
 from histocsc.io import atomic_path, write_json
 from histocsc.learn import metrics_csv
 from histocsc.learn.calibration import calibrate_run, to_meta
-from histocsc.learn.data import DataConfig, TileDataModule
-from histocsc.learn.model import IMAGENET_MEAN, IMAGENET_STD, META_KEY, check_backbone
+from histocsc.learn.config import (  # noqa: F401 (re-exported: the configs lived here)
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    TrainerConfig,
+    load_train_config,
+)
+from histocsc.learn.data import TileDataModule
+from histocsc.learn.encoders import encoder_spec, is_encoder
+from histocsc.learn.features import prepare_features, uses_feature_cache
+from histocsc.learn.model import META_KEY
 from histocsc.learn.module import TileClassifier
 from histocsc.progress import warn
+from histocsc.learn.tilenet import check_mpp
+from histocsc.learn.weights import check_weights_path, weights_checksum
 
 MONITOR = "val/auroc_mean"
 log = logging.getLogger(__name__)
-
-
-class ModelConfig(StrictModel):
-    """Which network, and from which local weights file (never downloaded)."""
-
-    backbone: str = "resnet18"
-    weights_path: str | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # on the 0-1 scale
-    std: tuple[float, float, float] = IMAGENET_STD
-    channels_last: bool = True  # used on GPU only
-
-    @field_validator("backbone")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        try:
-            check_backbone(value)
-        except ModelError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
-
-class OptimConfig(StrictModel):
-    """AdamW and its learning-rate schedule (stepped every batch)."""
-
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["cosine", "onecycle", "none"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-
-
-class TrainerConfig(StrictModel):
-    """Lightning Trainer settings. precision 'auto': bf16-mixed on a GPU, else 32-true."""
-
-    max_epochs: int = Field(20, ge=1)
-    accelerator: str = "auto"
-    devices: int | str | list[int] = "auto"
-    strategy: str = "auto"  # 'auto' picks DDP when there are several devices
-    num_nodes: int = Field(1, ge=1)
-    precision: str = "auto"
-    patience: int = Field(5, ge=1)  # early stopping, in validation epochs
-    log_every_n_steps: int = Field(20, ge=1)
-    limit_train_batches: int | float = 1.0
-    limit_val_batches: int | float = 1.0
-    accumulate_grad_batches: int = Field(1, ge=1)
-    gradient_clip_val: float | None = None
-    deterministic: bool = False
-    benchmark: bool = True  # cuDNN autotuning (tiles have one size)
-    progress_bar: bool = True
-
-
-class TrainConfig(StrictModel):
-    """Everything `histocsc train` needs (configs/train.yaml)."""
-
-    seed: int = 0
-    out: str = "runs/train"
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    optim: OptimConfig = OptimConfig()
-    trainer: TrainerConfig = TrainerConfig()
 
 
 @dataclass
@@ -147,13 +97,6 @@ class ImagesPerSecond(Callback):
                 "images_per_s": round(self._images / seconds, 1) if seconds > 0 else 0.0,
             }
         )
-
-
-def load_train_config(
-    path: str | Path | None, overrides: dict[str, Any] | None = None
-) -> TrainConfig:
-    """configs/train.yaml plus dotted overrides, validated."""
-    return load_config(TrainConfig, path, overrides)
 
 
 def resolve_precision(cfg: TrainerConfig) -> str:
@@ -225,65 +168,46 @@ def _update_checkpoint(path: Path, update: dict[str, Any]) -> None:
         torch.save(data, tmp)
 
 
-def train(
-    cfg: TrainConfig,
-    run_dir: str | Path | None = None,
-    resume: str | Path | None = None,
-    callbacks: list[Callback] | None = None,
-) -> TrainResult:
-    """Train on the prepared cohort in cfg.data.root; write the run folder; return the result.
-    `callbacks` join the Trainer's own (the command's signal handling and batch-log lines)."""
-    started = time.perf_counter()
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, resume)
-    if cfg.model.weights_path and not Path(cfg.model.weights_path).is_file():
-        raise ModelNotFoundError(
-            f"{cfg.model.weights_path}: weights file not found (model.weights_path; "
-            "weights are never downloaded)"
-        )
-    if resume is not None and not Path(resume).is_file():
-        raise ModelNotFoundError(f"{resume}: checkpoint to resume from not found")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+@dataclass
+class RunState:
+    """What `finish_run` needs from the fit: the run, its data and module, trainer and timings."""
 
-    data = TileDataModule(cfg.data, seed=cfg.seed)
-    data.setup("fit")
-    if not data.cases["val"]:
-        raise ConfigError(
-            f"{data.root}: no validation case (set split=val in cohort.csv or data.val_fraction)"
-        )
-    summary = data.summary()
-    if rank_zero_only.rank == 0:
-        for message in data.warnings:
-            warn(message)
-    setup_s = time.perf_counter() - started
+    cfg: TrainConfig
+    run_dir: Path
+    resume: str | Path | None
+    data: TileDataModule
+    module: TileClassifier
+    trainer: L.Trainer
+    checkpoint: ModelCheckpoint
+    speed: ImagesPerSecond
+    precision: str
+    summary: dict[str, Any]
+    started: float
+    timings: dict[str, float]
 
-    precision = resolve_precision(cfg.trainer)
-    on_gpu = precision != "32-true" or (
-        cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
-    )
-    module = TileClassifier(
+
+def build_module(cfg: TrainConfig, data: TileDataModule, on_gpu: bool,
+                 features_dim: int | None = None, weights_checksum: str = "") -> TileClassifier:
+    """The LightningModule for this run's data and model configuration."""
+    return TileClassifier(
         markers=data.markers,
-        backbone=cfg.model.backbone,
-        weights_path=cfg.model.weights_path,
+        model=cfg.model,
+        optim=cfg.optim,
         tile_px=data.tile_px,
         mpp=data.mpp,
-        mean=cfg.model.mean,
-        std=cfg.model.std,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        schedule=cfg.optim.schedule,
-        warmup_epochs=cfg.optim.warmup_epochs,
         pos_weight=data.pos_weight.tolist() if data.pos_weight is not None else None,
         channels_last=cfg.model.channels_last and on_gpu,
-        data_summary=summary,
+        data_summary=data.summary(),
+        features_dim=features_dim,
+        weights_checksum=weights_checksum,
     )
 
-    if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / "config.yaml") as tmp:
-            resolved = cfg.model_dump(mode="json")
-            resolved["out"] = str(run_dir)
-            tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
+def build_trainer(cfg: TrainConfig, run_dir: Path, precision: str,
+                  callbacks: list[Callback] | None = None,
+                  ) -> tuple[L.Trainer, ModelCheckpoint, ImagesPerSecond]:
+    """The Lightning Trainer with its best/last checkpoint, early stopping and speed meter
+    (and the caller's `callbacks`)."""
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -320,6 +244,66 @@ def train(
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
     )
+    return trainer, checkpoint, speed
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            resolved = cfg.model_dump(mode="json")
+            resolved["out"] = str(run_dir)
+            tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    callbacks: list[Callback] | None = None,
+) -> TrainResult:
+    """Train on the prepared cohort in cfg.data.root; write the run folder; return the result.
+    `callbacks` join the Trainer's own (the command's signal handling and batch-log lines)."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, resume)
+    if cfg.model.weights_path and not Path(cfg.model.weights_path).is_file():
+        raise ModelNotFoundError(
+            f"{cfg.model.weights_path}: weights file not found (model.weights_path; "
+            "weights are never downloaded)"
+        )
+    if resume is not None and not Path(resume).is_file():
+        raise ModelNotFoundError(f"{resume}: checkpoint to resume from not found")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    data = TileDataModule(cfg.data, seed=cfg.seed)
+    data.setup("fit")
+    if not data.cases["val"]:
+        raise ConfigError(
+            f"{data.root}: no validation case (set split=val in cohort.csv or data.val_fraction)"
+        )
+    checksum = ""
+    if is_encoder(cfg.model.backbone) and cfg.model.weights_path:
+        checksum = weights_checksum(check_weights_path(cfg.model.weights_path))
+    features_dim = prepare_features(cfg, data) if uses_feature_cache(cfg) else None
+    summary = data.summary()
+    timings = {"setup_s": time.perf_counter() - started}
+    if rank_zero_only.rank == 0:
+        for message in data.warnings:
+            warn(message)
+
+    precision = resolve_precision(cfg.trainer)
+    on_gpu = precision != "32-true" or (
+        cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    )
+    module = build_module(cfg, data, on_gpu, features_dim, checksum)
+    if is_encoder(cfg.model.backbone):
+        note = check_mpp(encoder_spec(cfg.model.backbone), data.mpp)
+        if note:
+            summary.setdefault("warnings", []).append(note)
+    _write_config(cfg, run_dir)
+    trainer, checkpoint, speed = build_trainer(cfg, run_dir, precision, callbacks)
+    state = RunState(cfg, run_dir, resume, data, module, trainer, checkpoint, speed, precision,
+                     summary, started, timings)
     fit_start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -333,16 +317,23 @@ def train(
             if resume is not None and "state_dict" in str(exc):
                 raise ModelError(f"{resume}: checkpoint does not fit this model ({exc})") from exc
             raise
-        fit_s = time.perf_counter() - fit_start
+        timings["fit_s"] = time.perf_counter() - fit_start
+        return finish_run(state)
 
-        best = Path(checkpoint.best_model_path or run_dir / "checkpoints" / "last.ckpt")
-        best_score = float(checkpoint.best_model_score or 0.0)
-        test_results: dict[str, dict[str, float]] = {}
-        test_start = time.perf_counter()
-        if data.cases["test"]:
-            trainer.test(module, datamodule=data, ckpt_path=str(best), verbose=False)
-            test_results = module.test_results
-        test_s = time.perf_counter() - test_start
+
+def finish_run(state: RunState) -> TrainResult:
+    """Test the best checkpoint, calibrate, write thresholds and calibration into the
+    checkpoints, and write run.json and test_metrics.json."""
+    run_dir, trainer, data, module = state.run_dir, state.trainer, state.data, state.module
+    checkpoint = state.checkpoint
+    best = Path(checkpoint.best_model_path or run_dir / "checkpoints" / "last.ckpt")
+    best_score = float(checkpoint.best_model_score or 0.0)
+    test_results: dict[str, dict[str, float]] = {}
+    test_start = time.perf_counter()
+    if data.cases["test"]:
+        trainer.test(module, datamodule=data, ckpt_path=str(best), verbose=False)
+        test_results = module.test_results
+    test_s = time.perf_counter() - test_start
 
     best_meta = torch.load(best, map_location="cpu", weights_only=True).get(META_KEY, {})
     result = TrainResult(
@@ -365,14 +356,16 @@ def train(
         for path in {best, run_dir / "checkpoints" / "last.ckpt"}:
             if path.is_file():
                 _update_checkpoint(path, extra)
+        cfg, timings = state.cfg, state.timings
         run_meta = {
             "histocsc_version": __version__,
             "versions": versions(),
             "config": cfg.model_dump(mode="json"),
-            "resumed_from": str(resume) if resume else None,
-            "precision": precision,
+            "resumed_from": str(state.resume) if state.resume else None,
+            "precision": state.precision,
             "world_size": trainer.world_size,
-            "data": summary,
+            "data": state.summary,
+            "weights_checksum": state.module.weights_checksum,
             "best_checkpoint": str(best),
             "best_val_auroc_mean": best_score,
             "val": result.val,
@@ -380,11 +373,11 @@ def train(
             "thresholds": result.thresholds,
             "epochs_run": result.epochs,
             "timings": {
-                "setup_s": round(setup_s, 3),
-                "fit_s": round(fit_s, 3),
+                "setup_s": round(timings["setup_s"], 3),
+                "fit_s": round(timings["fit_s"], 3),
                 "test_s": round(test_s, 3),
-                "total_s": round(time.perf_counter() - started, 3),
-                "train_epochs": speed.epochs,
+                "total_s": round(time.perf_counter() - state.started, 3),
+                "train_epochs": state.speed.epochs,
             },
         }
         write_json(run_dir / "run.json", run_meta)

@@ -11,15 +11,24 @@ import numpy as np
 from histocsc.ihc.labels import LabelConfig, MarkerLabels, write_label_map
 from histocsc.io import atomic_path
 
+CELL_COLUMNS = ("cells", "positive_cells", "hscore")
+
 
 def write_labels_csv(path: Path, grid: dict[str, np.ndarray], labels: dict[str, MarkerLabels],
                      kept: dict[str, list[str]] | None = None):
-    """`labels.csv`: every grid column, then `<M>_fraction` (nan: no IHC tissue) and `<M>_label`,
-    then `kept`: columns of other markers from an earlier run, as text."""
-    header = list(grid) + [c for m in labels for c in (f"{m}_fraction", f"{m}_label")]
+    """`labels.csv`: every grid column, then `<M>_fraction` (nan: no IHC tissue) and `<M>_label`;
+    for a marker whose cells were detected also `<M>_cells`, `<M>_positive_cells` (1+ or more)
+    and `<M>_hscore` (0-300, nan without cells); then `kept`: columns of other markers from an
+    earlier run, as text."""
+    header: list[str] = list(grid)
     columns: list[Any] = list(grid.values())
-    for result in labels.values():
+    for m, result in labels.items():
+        header += [f"{m}_fraction", f"{m}_label"]
         columns += [result.fraction, result.label]
+        if result.cells is not None:
+            header += [f"{m}_{c}" for c in CELL_COLUMNS]
+            positive = result.cells.by_class[:, 1:].sum(axis=1)
+            columns += [result.cells.cells, positive, result.cells.hscore]
     header += list(kept or {})
     columns += list((kept or {}).values())
     n = len(columns[0]) if columns else 0
@@ -68,4 +77,6 @@ def write_label_maps(
         thumb = slide.thumbnail(mpp)
     scale = thumb.shape[1] / he_size[0]
     for marker, result in results.items():
-        write_label_map(case_dir / f"label_map_{marker}.png", thumb, scale, xywh, result.label)
+        points = result.cell_points if cfg.label_map_cells else None
+        write_label_map(case_dir / f"label_map_{marker}.png", thumb, scale, xywh, result.label,
+                        cell_points=points)

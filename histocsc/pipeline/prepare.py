@@ -2,10 +2,12 @@
 
 Per case, in `OUT/<case>/`: the H&E tile grid and store (`grid.csv`, `grid.json`, `tiles.npy`),
 `register/<MARKER>/transform.json` (+ overlay), `labels.csv` (grid columns plus
-`<M>_fraction`, `<M>_label`), `label_map_<M>.png`, and `qc.json`, written last, which says
+`<M>_fraction`, `<M>_label`, and with a cell rule `<M>_cells`, `<M>_positive_cells`,
+`<M>_hscore`), `label_map_<M>.png`, and `qc.json`, written last, which says
 whether every marker's registration is trustworthy (`registration_ok`). A marker whose
 registration failed, whose aligned tissue overlaps poorly (`min_tissue_overlap`) or whose error
-estimate exceeds `max_registration_error_um` keeps its fractions for inspection but all its
+estimate exceeds the limit for the tiles (`max_registration_error_tile` of the tile side, or
+`max_registration_error_um`) keeps its fractions for inspection but all its
 labels are -1, and the case is flagged: training must skip cases whose `qc.json` has
 `registration_ok: false`. `OUT/summary.json` lists every case; `OUT/cohort.csv` is the cohort
 with absolute paths.
@@ -111,8 +113,12 @@ def prepare_case(
     ihc_sums = {m: file_checksum(p) for m, p in ihc_paths.items()}
 
     tiles_key = digest("tiles", cfgs.dump("tiles"), he_sum, he_mpp)
+    # the registration error limit follows the tiles the labels are for
+    limit_um = cfgs.label.error_limit_um(cfgs.tiles.tile_px * cfgs.tiles.mpp)
+    register_cfg = cfgs.register.model_copy(update={"poor_error_um": limit_um})
     register_keys = {
-        m: digest("register", cfgs.dump("register"), he_sum, ihc_sums[m], he_mpp, ihc_mpp[m])
+        m: digest("register", register_cfg.model_dump(mode="json"), he_sum, ihc_sums[m], he_mpp,
+                  ihc_mpp[m])
         for m in present
     }
     keys = {m: marker_key(cfgs.label, m, tiles_key, register_keys.get(m)) for m in markers}
@@ -151,22 +157,24 @@ def prepare_case(
                 and (reuse_existing or state.get(step) == register_keys[marker])
             ):
                 transform_path.unlink(missing_ok=True)  # never label from a stale transform
-                register_marker(case.he, ihc_paths[marker], reg_dir, cfgs.register, he_mpp,
+                register_marker(case.he, ihc_paths[marker], reg_dir, register_cfg, he_mpp,
                                 ihc_mpp[marker])
                 _record(case_dir, state, step, register_keys[marker])
-            he_to_ihc, error = load_transform(transform_path)
+            he_to_ihc, error, ihc_to_he = load_transform(transform_path)
             qc["registration_error_um"] = error.get("residual_um_median")
             qc["registration_error_um_p95"] = error.get("residual_um_p95")
             qc["registration_error_blocks"] = error.get("blocks")
             qc["registration_ncc"] = error.get("ncc")
             qc["registration_poor"] = error.get("poor")
             qc["tissue_overlap"] = error.get("tissue_overlap")
-            qc["registration_ok"], problem = _registration_ok(error, label_cfg)
+            qc["registration_confidence"] = error.get("confidence")
+            qc["registration_error_limit_um"] = round(limit_um, 2)
+            qc["registration_ok"], problem = _registration_ok(error, label_cfg, limit_um)
             if problem:
                 qc["error"] = f"{transform_path}: {problem}"
             marker_cfg = label_cfg.for_marker(marker)
             result = label_slide(xywh, grid.slide_mpp, ihc_paths[marker], he_to_ihc, marker_cfg,
-                                 ihc_mpp[marker])
+                                 ihc_mpp[marker], ihc_to_he, marker)
         except (RegistrationError, LabelError) as exc:
             qc["registration_ok"] = False
             qc["error"] = str(exc)
@@ -205,17 +213,23 @@ def prepare_case(
     return {**summary, "reused": False}
 
 
-def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str]:
+def _registration_ok(
+    error: dict[str, Any], cfg: LabelConfig, limit_um: float | None = None
+) -> tuple[bool, str]:
     """Whether a registration is good enough to label from, and why not.
 
     Uses the registration's own quality figures (`transform.json` "error"): the overlap of the
     aligned tissue masks (sections of another block overlap poorly), and the residual shift
     measured after alignment (`residual_um_median`), used only when it was measured on at least
-    `min_error_blocks` tissue blocks: on a few blocks it is dominated by outliers.
+    `min_error_blocks` tissue blocks: on a few blocks it is dominated by outliers. `limit_um`:
+    the error limit for these tiles (default: `cfg.error_limit_um` of 224 px at 0.5 µm/px).
     """
-    if error.get("poor"):
-        reasons = "; ".join(error.get("poor_reasons") or []) or "flagged poor"
-        return False, f"registration QC: {reasons}"
+    from histocsc.ihc.registration.qc import judge
+
+    limit = cfg.error_limit_um(112.0) if limit_um is None else limit_um
+    poor, why = judge(error, limit)
+    if poor:
+        return False, f"registration QC: {'; '.join(why) or 'flagged poor'}"
     overlap = error.get("tissue_overlap")
     error_um, blocks = error.get("residual_um_median"), int(error.get("blocks") or 0)
     if not isinstance(overlap, (int, float)) or overlap < cfg.min_tissue_overlap:
@@ -224,10 +238,10 @@ def _registration_ok(error: dict[str, Any], cfg: LabelConfig) -> tuple[bool, str
             f"{cfg.min_tissue_overlap}): sections of different blocks, or a failed alignment"
         )
     if blocks >= cfg.min_error_blocks and isinstance(error_um, (int, float)):
-        if error_um > cfg.max_registration_error_um:
+        if error_um > limit:
             return False, (
-                f"registration error estimate {error_um:.1f} µm exceeds "
-                f"max_registration_error_um {cfg.max_registration_error_um:g}"
+                f"registration error estimate {error_um:.1f} µm exceeds the limit {limit:g} µm "
+                "(max_registration_error_um, or max_registration_error_tile x the tile side)"
             )
     return True, ""
 

@@ -58,9 +58,10 @@ def register_marker(
     result.save(out_dir)
 
 
-def load_transform(path: Path) -> tuple[Any, dict[str, Any]]:
-    """(H&E -> IHC point map, the registration's error estimate) from transform.json."""
+def load_transform(path: Path) -> tuple[Any, dict[str, Any], Any]:
+    """(H&E -> IHC point map, the registration's error estimate, IHC -> H&E point map) from
+    transform.json."""
     from histocsc.ihc.transform import Transform
 
     transform = Transform.load(path)
-    return transform.to_moving, dict(transform.error)
+    return transform.to_moving, dict(transform.error), transform.to_fixed

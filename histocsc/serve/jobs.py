@@ -1,8 +1,9 @@
 """Slide-job records in SQLite under the server's data folder.
 
 A job moves queued -> running -> succeeded | failed | cancelled. On start-up, jobs left
-`running` by a stopped or crashed server are marked failed (their partial outputs are removed);
-jobs still `queued` stay queued and run.
+`running` by a stopped or crashed server are marked failed (their partial outputs are removed),
+jobs still `queued` stay queued and run, and job folders without a record (an upload cut short
+by a kill) are removed.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class JobStore:
     """Thread-safe job table plus one folder per job (`jobs/<id>/`)."""
 
     def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.root = data_dir / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -122,10 +124,27 @@ class JobStore:
             rows = self._db.execute(query + " ORDER BY created, id", args).fetchall()
         return [Job(*r) for r in rows]
 
+    def writable(self) -> bool:
+        """Whether a small file can be written in the data folder now (a full disk: False)."""
+        probe = self.data_dir / ".write-probe"
+        try:
+            with probe.open("wb") as f:
+                f.write(b"histocsc write probe\n")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
     def count(self, state: str) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?",
                                         (state,)).fetchone()[0])
+
+    def waiting(self) -> int:
+        """Jobs queued or running."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state IN "
+                                        "('queued', 'running')").fetchone()[0])
 
     def next_queued(self) -> Job | None:
         """Mark the oldest queued job running and return it."""
@@ -162,10 +181,19 @@ class JobStore:
     def remove_files(self, job_id: str) -> None:
         shutil.rmtree(self.folder(job_id), ignore_errors=True)
 
-    def recover(self) -> list[str]:
-        """After a restart: jobs left running are failed and their partial outputs removed."""
+    def recover(self) -> tuple[list[str], list[str]]:
+        """After a restart: jobs left running are failed and their partial outputs removed, and
+        folders without a record removed. Returns (interrupted ids, removed folder names)."""
         stale = [j.id for j in self.list("running")]
         for job_id in stale:
             self.finish(job_id, "failed", INTERRUPTED)
             shutil.rmtree(self.output_dir(job_id), ignore_errors=True)
-        return stale
+        known = {j.id for j in self.list()}
+        orphans = sorted(p.name for p in self.root.iterdir() if p.name not in known)
+        for name in orphans:
+            path = self.root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return stale, orphans

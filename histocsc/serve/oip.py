@@ -11,7 +11,6 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from histocsc import __version__
 from histocsc.serve.batching import Overloaded
@@ -23,11 +22,23 @@ from histocsc.serve.protocol import (
     decode_request,
     encode_response,
 )
+from histocsc.serve.schemas import (
+    InferResponse,
+    Live,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    ServerMetadata,
+    errors,
+)
 from histocsc.serve.security import HttpError, read_limited
 from histocsc.serve.service import MODEL_VERSION, Service, service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
-JSON_BYTES_PER_VALUE = 4  # "255," at most
+# json.dumps of nested uint8 lists takes up to 17 bytes a pixel ("[255, 255, 255], ", 5.7 a
+# value); 8 leaves room for other ordinary formatting (indentation aside)
+JSON_BYTES_PER_VALUE = 8
+LOOP_PARSE_BYTES = 65536  # a larger JSON header is parsed in a thread, off the event loop
 
 
 INFER_BODY = {
@@ -35,16 +46,39 @@ INFER_BODY = {
                    "[...]}]}`, or Triton's binary-tensor extension (header "
                    "`Inference-Header-Content-Length`).",
     "required": True,
-    "content": {"application/json": {"schema": {"type": "object"}},
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"},
+            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                "type": "object", "required": ["name", "datatype", "shape"], "properties": {
+                    "name": {"type": "string", "enum": [INPUT]},
+                    "datatype": {"type": "string", "enum": ["UINT8"]},
+                    "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 4,
+                              "maxItems": 4},
+                    "parameters": {"type": "object"},
+                    "data": {"type": "array"}}}},
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string", "enum": [OUTPUT]},
+                    "parameters": {"type": "object"}}}},
+            "parameters": {"type": "object"}}}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
 NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+INFER_RESPONSES = {
+    200: {"model": InferResponse,
+          "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                              "format": "binary"}}},
+          "description": "Probabilities: JSON, or a JSON header and raw FP32 (binary extension)"},
+    **errors(400, 401, 404, 413, 429),
+}
 
 
 # Registered first and without typed parameters: the hot path skips FastAPI's route scan and
 # parameter validation (the model name is checked by _model).
 @router.post("/models/{name}/infer", summary="Probabilities for a batch of tiles",
-             openapi_extra={"requestBody": INFER_BODY, "parameters": [NAME_PARAM]})
+             openapi_extra={"requestBody": INFER_BODY, "parameters": [NAME_PARAM]},
+             response_class=Response, responses=INFER_RESPONSES)
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request) -> Response:
     svc = service(request)
@@ -55,12 +89,14 @@ async def infer(request: Request) -> Response:
     tile_px, max_tiles = svc.engine.tile_px, svc.settings.max_tiles_per_request
     limit = max_tiles * tile_px * tile_px * 3 * JSON_BYTES_PER_VALUE + 65536
     body = await read_limited(request.stream(), limit, "infer request body")
+    header_length = request.headers.get(HEADER_LENGTH)
     try:
-        if len(body) > 1 << 20:  # parsing a big JSON body would hold up the event loop
-            req = await run_in_threadpool(decode_request, body, request.headers.get(HEADER_LENGTH),
-                                          tile_px, max_tiles)
+        json_bytes = int(header_length) if header_length and header_length.isdigit() else len(body)
+        if json_bytes > LOOP_PARSE_BYTES:  # parsing a big JSON body would hold up the loop
+            req = await asyncio.get_running_loop().run_in_executor(
+                svc.decoder, decode_request, body, header_length, tile_px, max_tiles)
         else:
-            req = decode_request(body, request.headers.get(HEADER_LENGTH), tile_px, max_tiles)
+            req = decode_request(body, header_length, tile_px, max_tiles)
     except BadRequest as exc:
         svc.metrics.inference_requests.labels(outcome="failure").inc()
         raise HttpError(400, str(exc)) from None
@@ -80,21 +116,24 @@ async def infer(request: Request) -> Response:
     return Response(payload, headers=headers)
 
 
-@router.get("/health/live", summary="Server is live")
+# The two health checks are answered by the app's outermost middleware (histocsc.serve.app),
+# before routing; these routes describe them in the OpenAPI schema.
+@router.get("/health/live", summary="Server is live", response_model=Live)
 def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server is ready (model loaded, batcher running)")
-def ready(request: Request, response: Response) -> dict[str, bool]:
-    svc = service(request)
-    ok = svc.ready and svc.batcher.running
-    if not ok:
+@router.get("/health/ready", response_model=Ready, responses={503: {"model": Ready}},
+            summary="Server is ready: model loaded, batcher and slide-job worker running, "
+                    "data folder writable")
+def ready(request: Request, response: Response) -> dict[str, Any]:
+    reasons = service(request).not_ready()
+    if reasons:
         response.status_code = 503
-    return {"ready": ok}
+    return {"ready": not reasons, "reasons": reasons}
 
 
-@router.get("", summary="Server metadata")
+@router.get("", summary="Server metadata", response_model=ServerMetadata, responses=errors(401))
 def server_metadata() -> dict[str, Any]:
     return {"name": "histocsc", "version": __version__, "extensions": ["binary_tensor_data"]}
 
@@ -130,16 +169,20 @@ def model_metadata(svc: Service) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{name}", summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)")
+@router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata,
+            responses=errors(401, 404))
+@router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)",
+            response_model=ModelMetadata, responses=errors(401, 404))
 def metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
     svc = service(request)
     _model(svc, name, version)
     return model_metadata(svc)
 
 
-@router.get("/models/{name}/ready", summary="Model is ready")
-@router.get("/models/{name}/versions/{version}/ready", summary="Model is ready (one version)")
+@router.get("/models/{name}/ready", summary="Model is ready", response_model=ModelReady,
+            responses={503: {"model": ModelReady}, **errors(401, 404)})
+@router.get("/models/{name}/versions/{version}/ready", summary="Model is ready (one version)",
+            response_model=ModelReady, responses={503: {"model": ModelReady}, **errors(401, 404)})
 def model_ready(request: Request, response: Response, name: str,
                 version: str | None = None) -> dict[str, Any]:
     svc = service(request)

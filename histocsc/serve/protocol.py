@@ -50,6 +50,8 @@ def decode_request(body: bytes, header_length: str | None, tile_px: int,
         request = json.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON (nested too deeply)") from None
     if not isinstance(request, dict):
         raise BadRequest("request body must be a JSON object with 'inputs'")
     inputs = request.get("inputs")
@@ -70,7 +72,7 @@ def decode_request(body: bytes, header_length: str | None, tile_px: int,
     if not 1 <= shape[0] <= max_tiles:
         raise BadRequest(f"a request holds 1 to {max_tiles} tiles, got {shape[0]}")
     count = int(np.prod(shape))
-    params = spec.get("parameters") or {}
+    params = _parameters(spec, f"input {INPUT!r}")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if size != count or len(binary) != count:
@@ -103,6 +105,17 @@ def _json_tiles(data: Any, shape: list[int], count: int) -> np.ndarray:
     return values.astype(np.uint8).reshape(shape)
 
 
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """The `parameters` object of a request, an input or an output ({} when absent)."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"'parameters' of {where} must be an object, got "
+                         f"{type(params).__name__}")
+    return params
+
+
 def _request_id(request: dict[str, Any]) -> str | None:
     rid = request.get("id")
     if rid is not None and not isinstance(rid, str):
@@ -113,18 +126,18 @@ def _request_id(request: dict[str, Any]) -> str | None:
 def _wants_binary(request: dict[str, Any]) -> bool:
     """Binary output if the requested output asks for it, or the request-level parameter."""
     outputs = request.get("outputs")
+    binary = bool(_parameters(request, "the request").get("binary_data_output", False))
     if outputs is None:
-        return bool((request.get("parameters") or {}).get("binary_data_output", False))
+        return binary
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest("'outputs' must be a list of objects")
-    binary = False
     for o in outputs:
         if o.get("name") != OUTPUT:
             raise BadRequest(f"unknown output {o.get('name')!r}; this model gives {OUTPUT!r}")
-        params = o.get("parameters") or {}
+        params = _parameters(o, f"output {OUTPUT!r}")
         if params.get("classification"):
             raise BadRequest("the classification extension is not supported")
-        binary = bool(params.get("binary_data", False))
+        binary = bool(params.get("binary_data", binary))
     return binary
 
 

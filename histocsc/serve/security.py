@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from histocsc.errors import ConfigError
 from histocsc.wsi.discover import SLIDE_SUFFIXES
+
+MAX_NAME_BYTES = 200  # an upload's file name (file systems allow 255)
+MAX_PATH_CHARS = 1024  # a slide path of a path job
 
 
 class HttpError(Exception):
@@ -40,19 +44,39 @@ def authorized(header: str | None, key: bytes) -> bool:
     return hmac.compare_digest(given.strip().encode(), key) and ok_scheme
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters for a message."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def resolve_slide(root: Path | None, user_path: str) -> Path:
     """The slide file `user_path` names, relative to `root` or absolute, following symlinks;
-    403 if it lies outside `root` (or no root is configured), 404 if it does not exist."""
+    403 if it lies outside `root` (or no root is configured), 404 if it does not exist, 400 if
+    the path cannot be a file name here (too long, a symlink loop)."""
     if root is None:
         raise HttpError(403, "slide paths are disabled: start the server with --slides-root DIR")
     if not user_path or "\x00" in user_path:
         raise HttpError(400, "'path' must be a non-empty slide path")
+    shown = shorten(user_path)
+    if len(user_path) > MAX_PATH_CHARS:
+        raise HttpError(400, f"{shown}: path longer than {MAX_PATH_CHARS} characters")
     base = root.resolve()
-    target = (base / user_path).resolve()
-    if not target.is_relative_to(base):
-        raise HttpError(403, f"{user_path}: outside the slides root")
-    if not target.is_file():
-        raise HttpError(404, f"{user_path}: no such slide file under the slides root")
+    try:
+        target = (base / user_path).resolve()
+        inside = target.is_relative_to(base)
+        exists = inside and target.is_file()
+    except RuntimeError:  # Python < 3.13: a symlink loop
+        raise HttpError(400, f"{shown}: a symlink loop") from None
+    except ValueError:  # a character the file system cannot encode (a lone surrogate)
+        raise HttpError(400, f"{shown}: not a usable file name") from None
+    except OSError as exc:
+        why = {errno.ENAMETOOLONG: "a file name in it is too long",
+               errno.ELOOP: "a symlink loop"}.get(exc.errno or 0, exc.strerror or "unreadable")
+        raise HttpError(400, f"{shown}: {why}") from None
+    if not inside:
+        raise HttpError(403, f"{shown}: outside the slides root")
+    if not exists:
+        raise HttpError(404, f"{shown}: no such slide file under the slides root")
     return target
 
 
@@ -60,7 +84,10 @@ def upload_name(filename: str | None) -> str:
     """A safe file name for an uploaded slide: its base name, with a slide suffix."""
     name = Path((filename or "").replace("\\", "/")).name
     if not name or name.startswith(".") or "\x00" in name:
-        raise HttpError(400, f"upload file name {filename!r} is not usable")
+        raise HttpError(400, f"upload file name {shorten(repr(filename))} is not usable")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise HttpError(400, f"upload file name {shorten(name)} is longer than "
+                             f"{MAX_NAME_BYTES} bytes")
     if Path(name).suffix.lower() not in SLIDE_SUFFIXES:
         raise HttpError(400, f"{name}: not a slide file (expected one of "
                              f"{', '.join(sorted(SLIDE_SUFFIXES))})")

@@ -7,6 +7,7 @@ size limit.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
@@ -19,6 +20,17 @@ from histocsc.serve.security import HttpError, upload_name
 FILE_FIELD = "slide"
 TEXT_FIELDS = ("path", "slide_mpp")
 MAX_FIELD_BYTES = 4096
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_error(exc: OSError) -> HttpError:
+    """507 when the disk is full, 503 for another failure to store the upload; no paths."""
+    why = exc.strerror or exc.__class__.__name__
+    if exc.errno in DISK_FULL:
+        return HttpError(507, f"the server's disk is full: cannot store the upload ({why})",
+                         {"Retry-After": "60"})
+    return HttpError(503, f"the server cannot store the upload now ({why})",
+                     {"Retry-After": "30"})
 
 
 class _Receiver:
@@ -115,10 +127,15 @@ async def receive_form(content_type: str, chunks: AsyncIterator[bytes], folder: 
         parser.finalize()
     except HttpError:
         raise
+    except OSError as exc:  # writing the file: a full disk, an I/O error
+        raise storage_error(exc) from None
     except Exception as exc:  # python-multipart raises its own types on a malformed body
         raise HttpError(400, f"malformed multipart body ({exc})") from None
     finally:
-        receiver.close()
+        try:
+            receiver.close()
+        except OSError as exc:  # the last buffered bytes did not fit
+            raise storage_error(exc) from None
     if receiver.file is not None and not receiver.file_complete:
         raise HttpError(400, "the upload ended before the slide file was complete")
     return receiver.fields, receiver.file

@@ -196,3 +196,47 @@ class CellSource:
         out = np.concatenate([endo, rbc])
         out[:, RAND] = rng.random(len(out))
         return out
+
+
+def marker_compartment(marker: str | None) -> str:
+    """Where the phantom draws a marker's DAB: its preset compartment (membrane by default)."""
+    from histocsc.ihc.cells import compartment_for
+
+    return compartment_for(marker, None) if marker else "membrane"
+
+
+def ihc_positivity(layout: Layout, cells: np.ndarray, marker: str) -> np.ndarray:
+    """DAB intensity (0: negative, else 0.35-1) of each cell (H&E-frame table) on the IHC of
+    `marker`: epithelial cells whose centre lies in the marker region, about 10 % negative."""
+    fm = layout.sample(cells[:, CX].astype(np.float32), cells[:, CY].astype(np.float32))
+    inside = (fm[:, layout.channel(marker)] > 0) & (fm[:, layout.channel("tissue")] > 0)
+    epi = (cells[:, KIND] == STEM) | (cells[:, KIND] == TUMOUR)
+    rnd = cells[:, RAND]
+    return np.where(inside & epi & (rnd > 0.1), 0.35 + 0.65 * (rnd - 0.1) / 0.9, 0.0)
+
+
+TRUTH_COLUMNS = ("x", "y", "he_x", "he_y", "kind", "positive", "intensity", "radius", "separate")
+
+
+def ihc_cell_truth(layout: Layout, seed: int, marker: str, forward, size: tuple[int, int]):
+    """Every nucleus drawn on the IHC of `marker` (red cells excluded), as a (N, 9) table of
+    TRUTH_COLUMNS: IHC level-0 x, y; H&E level-0 x, y; cell kind; positive 0/1; DAB intensity;
+    mean nucleus radius (IHC px); separate 0/1: no other nucleus's centre within the larger of
+    the two radii (a nucleus whose centre lies inside another's is one blob to any counter).
+    `forward` maps H&E points onto the IHC; `size` is the IHC (width, height)."""
+    from scipy.spatial import cKDTree
+
+    cells = CellSource(layout, seed).cells_in(0, 0, layout.width, layout.height)
+    cells = cells[cells[:, KIND] != RBC]
+    pos = ihc_positivity(layout, cells, marker) * (cells[:, CYTO] > 0)
+    xy = np.asarray(forward(cells[:, [CX, CY]]), np.float64).reshape(-1, 2)
+    radius = (cells[:, RX] + cells[:, RY]) / 2
+    separate = np.ones(len(cells), bool)
+    if len(cells) > 1:
+        pairs = cKDTree(xy).query_pairs(float(radius.max()), output_type="ndarray")
+        d = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T)
+        close = pairs[d < np.maximum(radius[pairs[:, 0]], radius[pairs[:, 1]])]
+        separate[close.ravel()] = False
+    keep = (xy[:, 0] >= 0) & (xy[:, 0] < size[0]) & (xy[:, 1] >= 0) & (xy[:, 1] < size[1])
+    table = np.column_stack([xy, cells[:, [CX, CY, KIND]], pos > 0, pos, radius, separate])
+    return table[keep]

@@ -14,7 +14,12 @@ from PIL import Image
 
 from histocsc.errors import ConfigError
 from histocsc.io import atomic_path, write_json
-from histocsc.synthetic.cells import vessel_distance
+from histocsc.synthetic.cells import (
+    TRUTH_COLUMNS,
+    ihc_cell_truth,
+    marker_compartment,
+    vessel_distance,
+)
 from histocsc.synthetic.layout import Layout, make_layout
 from histocsc.synthetic.render import Section, SectionRenderer
 from histocsc.synthetic.transform import random_transform
@@ -62,10 +67,12 @@ def make_case(
     advance: Advance | None = None,
     workers: int = 3,
     fill_frame: bool = False,
+    cell_truth: bool = False,
 ) -> Path:
     """Write one case into `out_dir/case/`; returns the folder. Same seed, same bytes.
 
-    `fill_frame`: tissue fills the whole frame (see `make_layout`).
+    `fill_frame`: tissue fills the whole frame (see `make_layout`). `cell_truth`: also write
+    every IHC nucleus drawn (`cells_<M>.csv`, see `write_cell_truth`).
     """
     markers = tuple(markers)
     _check(size_px, mpp, markers)
@@ -112,7 +119,13 @@ def make_case(
             "transform": tf.to_dict(),
             "landmarks": np.concatenate([pts, tf.forward(pts)], 1).round(3).tolist(),
             "landmark_features": kinds,
+            "compartment": marker_compartment(marker),
         }
+        if cell_truth:
+            cells_name = f"cells_{marker}.csv"
+            write_cell_truth(case_dir / cells_name, layout, int(section_seeds[1 + k]), marker,
+                             tf.forward, (size_px, size_px))
+            truth["markers"][marker]["cells"] = cells_name
     # Slides render in threads: OpenCV and large numpy operations release the GIL.
     with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
         done = [pool.submit(_write_slide, path, layout, sec, advance) for path, sec in jobs]
@@ -134,6 +147,18 @@ def _write_slide(path: Path, layout: Layout, section: Section, advance: Advance 
     stain = "H&E" if section.kind == "he" else f"IHC {section.marker} (DAB + hematoxylin)"
     write_pyramid_tiff(path, layout.height, layout.width, read_tile, layout.mpp, tile=TILE,
                        quality=QUALITY, description=f"histocsc phantom {stain}")
+
+
+def write_cell_truth(path: Path, layout: Layout, seed: int, marker: str, forward,
+                     size: tuple[int, int]) -> None:
+    """cells_<M>.csv: one row per IHC nucleus drawn: x, y (IHC level-0 px), he_x, he_y (H&E),
+    kind (histocsc.synthetic.cells: 1 stem-like ... 5 endothelial), positive (0/1), intensity
+    (its DAB strength 0.35-1, 0 when negative), radius (nucleus, IHC px), separate (0/1: not
+    fused with another nucleus; see `ihc_cell_truth`)."""
+    table = ihc_cell_truth(layout, seed, marker, forward, size)
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, table, fmt=["%.2f"] * 4 + ["%d", "%d", "%.3f", "%.2f", "%d"], delimiter=",",
+                   header=",".join(TRUTH_COLUMNS), comments="")
 
 
 def _write_mask(path: Path, mask: np.ndarray) -> None:

@@ -31,6 +31,8 @@ from histocsc.synthetic.cells import (
     STEM,
     TUMOUR,
     CellSource,
+    ihc_positivity,
+    marker_compartment,
     vessel_distance,
 )
 from histocsc.synthetic.layout import Layout
@@ -199,15 +201,16 @@ class SectionRenderer:
         smooth = cv2.resize(smooth, (W, H), interpolation=cv2.INTER_LINEAR)
         coarse, h_var, e_var = smooth[..., 0], smooth[..., 1], smooth[..., 2]
 
-        nuc, cyto, memb, rbc, clear = self._draw_cells(u, v, X0, Y0, W, H)
+        nuc, cyto, memb, rbc, clear, nucd = self._draw_cells(u, v, X0, Y0, W, H)
+        where = marker_compartment(sec.marker)
         # Irregular outlines: displace the drawn cells by a smooth field of about 0.5 um.
         amp = np.float32(0.6 * um)
         gx, gy = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
         gx += (lattice_noise(u / (4.5 * um), v / (4.5 * um), seed + 31) - 0.5) * 2 * amp
         gy += (lattice_noise(u / (4.5 * um), v / (4.5 * um), seed + 32) - 0.5) * 2 * amp
-        nuc, cyto, memb, clear = (cv2.remap(layer, gx, gy, cv2.INTER_LINEAR,
-                                            borderMode=cv2.BORDER_REPLICATE)
-                                  for layer in (nuc, cyto, memb, clear))
+        nuc, cyto, memb, clear, nucd = (cv2.remap(layer, gx, gy, cv2.INTER_LINEAR,
+                                                  borderMode=cv2.BORDER_REPLICATE)
+                                        for layer in (nuc, cyto, memb, clear, nucd))
         nuc_mask = np.clip(nuc * 3.0, 0, 1)
         # Cleared cytoplasm (perinuclear halo, clear cells) keeps little stain but the nucleus.
         keep = 1.0 - 0.85 * clear * (1.0 - nuc_mask)
@@ -234,6 +237,9 @@ class SectionRenderer:
             dab = 0.03 + 0.04 * coarse + 0.02 * nest  # weak non-specific background
             dab = dab + memb * (1.5 + 0.8 * coarse)
             dab *= 1.0 - 0.6 * nuc_mask
+            dab += nucd * (1.1 + 0.6 * coarse)  # nuclear marker: brown nuclei
+            if where == "cytoplasm":
+                dab += memb * (0.3 + 0.2 * coarse)  # cytoplasmic stain: the nuclei too
             dab += 0.2 * rbc
             terms = [(hx, self.v_hi), (dab, self.v_d)]
         for layer, _ in terms:
@@ -252,8 +258,10 @@ class SectionRenderer:
         rbc = np.zeros((H, W), np.uint8)
         memb = np.zeros((H, W), np.uint8)
         clear = np.zeros((H, W), np.uint8)
+        nucd = np.zeros((H, W), np.uint8)  # DAB of positive nuclei (a nuclear marker)
+        where = marker_compartment(sec.marker)
         if not len(cells):
-            return tuple(np.zeros((H, W), np.float32) for _ in range(5))
+            return tuple(np.zeros((H, W), np.float32) for _ in range(6))
         centres = cells[:, [CX, CY]]
         rx, ry, ang = cells[:, RX].copy(), cells[:, RY].copy(), cells[:, ANGLE].copy()
         pos = np.zeros(len(cells))
@@ -264,11 +272,7 @@ class SectionRenderer:
             ang = np.rad2deg(np.arctan2(d[:, 1], d[:, 0]))
             rx *= t.scale
             ry *= t.scale
-            fm = lay.sample(centres[:, 0].astype(np.float32), centres[:, 1].astype(np.float32))
-            inside = (fm[:, lay.channel(sec.marker)] > 0) & (fm[:, lay.channel("tissue")] > 0)
-            epi = (cells[:, KIND] == STEM) | (cells[:, KIND] == TUMOUR)
-            rnd = cells[:, RAND]
-            pos = np.where(inside & epi & (rnd > 0.1), 0.35 + 0.65 * (rnd - 0.1) / 0.9, 0.0)
+            pos = ihc_positivity(lay, cells, sec.marker)
         else:
             mapped = centres
         sc = float(1 << SHIFT)
@@ -302,10 +306,13 @@ class SectionRenderer:
                     hw = (1.2 + 0.6 * cells[i, RAND]) * um
                     halo = (int((rx[i] + hw) * sc), int((ry[i] + hw) * sc))
                     cv2.ellipse(clear, c, halo, a, 0, 360, 255, -1, aa, SHIFT)
-                if pos[i] > 0:
+                if pos[i] > 0 and where == "membrane":
                     val = int(255 * pos[i])
                     cv2.ellipse(memb, c, axes, a, 0, 360, int(val * 0.8), -1, aa, SHIFT)
                     cv2.ellipse(memb, c, axes, a, 0, 360, val, memb_t, aa, SHIFT)
+                elif pos[i] > 0 and where == "cytoplasm":  # the whole cell body, evenly
+                    body = (int(axes[0] * 1.2), int(axes[1] * 1.2))
+                    cv2.ellipse(memb, c, body, a, 0, 360, int(255 * pos[i]), -1, aa, SHIFT)
         for i in order:
             k = kinds[i]
             if k == RBC:
@@ -315,6 +322,8 @@ class SectionRenderer:
             axes = (int(rx[i] * sc), int(ry[i] * sc))
             val = int(min(255, 255 * cells[i, OD] / NUC_SCALE))
             cv2.ellipse(nuc, c, axes, a, 0, 360, val, -1, aa, SHIFT)
+            if pos[i] > 0 and where == "nuclear" and cells[i, CYTO] > 0:
+                cv2.ellipse(nucd, c, axes, a, 0, 360, int(255 * pos[i]), -1, aa, SHIFT)
             if sigs[i] & HALO:  # open pale chromatin, dark rim, prominent central nucleolus
                 inner = (int(rx[i] * 0.8 * sc), int(ry[i] * 0.8 * sc))
                 cv2.ellipse(nuc, c, inner, a, 0, 360, int(val * 0.32), -1, aa, SHIFT)
@@ -332,7 +341,7 @@ class SectionRenderer:
         scale = np.float32(NUC_SCALE / 255.0)
         return (nuc.astype(np.float32) * scale, cyto.astype(np.float32) / 255.0,
                 memb.astype(np.float32) / 255.0, rbc.astype(np.float32) / 255.0,
-                clear.astype(np.float32) / 255.0)
+                clear.astype(np.float32) / 255.0, nucd.astype(np.float32) / 255.0)
 
     def _pen(self, od: list[np.ndarray] | None, f: np.ndarray, px: np.ndarray,
              py: np.ndarray) -> list[np.ndarray] | None:

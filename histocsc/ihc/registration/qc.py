@@ -13,9 +13,11 @@
 - Inverse consistency: fixed tissue points mapped to the moving slide and back through the
   stored inverse (`transform.json` holds both directions) must return where they started.
 
-`poor` when there are too few clear blocks, their median shift exceeds `poor_error_um`, the
-tissue overlaps poorly (unless many feature inliers confirm the pose), or many feature inliers
-disagree with the final transform, or the inverse does not return to the start.
+`poor` when there are too few clear blocks to estimate the error, their median shift exceeds
+`poor_error_um` (the limit; `prepare` sets it from the tile size), the tissue overlaps poorly
+(unless many feature inliers confirm the pose), many feature inliers disagree with the final
+transform, or the inverse does not return to the start. A low share of clear blocks only lowers
+`confidence`, unless their residuals also spread beyond twice the limit.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MIN_AGREE_FRACTION = 0.5  # poor: strong feature evidence, and fewer agree than 
 CONFIRM_FRACTION = 0.8  # strong feature evidence with this many agreeing confirms the pose
 MAX_ROUNDTRIP_PX = 1.0  # poor: fixed -> moving -> fixed misses by more (p95, work px)
 ROUNDTRIP_POINTS = 2000  # about this many fixed tissue points are sent there and back
+NEAR_LIMIT = 0.8  # an error estimate above this share of the limit lowers the confidence
 
 
 def assess(
@@ -147,24 +150,57 @@ def feature_agreement(matches: Matches | None, maps, work_mpp: float) -> dict[st
 
 
 def poor_reasons(error: dict[str, Any], cfg: RegistrationConfig) -> tuple[bool, list[str]]:
-    """Whether the evidence says the registration is unreliable, and why."""
-    why = []
+    """Whether the evidence says the registration is unreliable, and why.
+
+    Also records, in `error`: `poor_evidence` (reasons other than the error size: a caller with
+    another error limit re-judges with `residual_um_median` and this), and `confidence`
+    ("high" / "low") with `confidence_notes`: a low share of clearly matching blocks lowers the
+    confidence but does not refuse an error estimate that is within the limit.
+    """
+    why, notes = [], []
     n, agree = error["feature_inliers"], error["feature_agree"]
     confirmed = n >= STRONG_FEATURES and agree >= CONFIRM_FRACTION * n
-    few = error["blocks"] < MIN_CLEAR_BLOCKS and not confirmed
-    if few or error["blocks_clear_fraction"] < MIN_CLEAR_FRACTION:
+    if error["blocks"] < MIN_CLEAR_BLOCKS and not confirmed:
         why.append(
+            f"too few tissue blocks match clearly to estimate the error ({error['blocks']} of "
+            f"{error['blocks_tried']})"
+        )
+    elif error["blocks_clear_fraction"] < MIN_CLEAR_FRACTION:
+        notes.append(
             f"few tissue blocks match clearly ({error['blocks']} of {error['blocks_tried']})"
         )
-    elif error["residual_um_median"] > cfg.poor_error_um:
-        why.append(
-            f"block residual {error['residual_um_median']} µm > {cfg.poor_error_um:g} µm"
-        )
+        if not confirmed and (error["residual_um_p95"] or 0) > 2 * cfg.poor_error_um:
+            # scattered clear blocks with a wide spread: the pose is not established
+            why.append(
+                f"few tissue blocks match clearly ({error['blocks']} of {error['blocks_tried']})"
+                f" and their residuals spread to {error['residual_um_p95']} µm (p95)"
+            )
     if error["tissue_overlap"] < MIN_TISSUE_OVERLAP and not confirmed:
         # masks of a pale IHC and its H&E can differ; many agreeing features outweigh that
         why.append(f"tissue overlaps poorly ({error['tissue_overlap']})")
     if n >= STRONG_FEATURES and agree < MIN_AGREE_FRACTION * n:
         why.append(f"{n - agree} of {n} feature matches disagree with the transform")
+    error["poor_evidence"] = list(why)
+    median = error["residual_um_median"]
+    if not error["poor_evidence"] and median is not None and median > cfg.poor_error_um:
+        why.append(f"block residual {median} µm > {cfg.poor_error_um:g} µm")
+    elif median is not None and median > NEAR_LIMIT * cfg.poor_error_um:
+        # the estimate is not exact: a true error just above the limit must not pass silently
+        notes.append(f"error estimate {median} µm is near the limit {cfg.poor_error_um:g} µm")
+    error["error_limit_um"] = cfg.poor_error_um
+    error["confidence"] = "low" if notes else "high"
+    error["confidence_notes"] = notes
+    return bool(why), why
+
+
+def judge(error: dict[str, Any], limit_um: float) -> tuple[bool, list[str]]:
+    """(poor, reasons) of a stored error estimate against another error limit (µm)."""
+    if "poor_evidence" not in error:  # written before the limit could be re-judged
+        return bool(error.get("poor")), list(error.get("poor_reasons") or [])
+    why = list(error["poor_evidence"])
+    median = error.get("residual_um_median")
+    if not why and median is not None and median > limit_um:
+        why.append(f"block residual {median} µm > {limit_um:g} µm")
     return bool(why), why
 
 
@@ -195,6 +231,6 @@ def flag_roundtrip(error: dict[str, Any], work_mpp: float) -> None:
     miss = error.get("roundtrip_um_p95")
     if miss is not None and miss > MAX_ROUNDTRIP_PX * work_mpp:
         error["poor"] = True
-        error["poor_reasons"].append(
-            f"the inverse transform misses by {miss} µm (p95) on the way back"
-        )
+        reason = f"the inverse transform misses by {miss} µm (p95) on the way back"
+        error["poor_reasons"].append(reason)
+        error.setdefault("poor_evidence", []).append(reason)
