@@ -41,9 +41,9 @@ from histocsc.learn.encoders import encoder_spec, is_encoder
 from histocsc.learn.features import prepare_features, uses_feature_cache
 from histocsc.learn.model import META_KEY
 from histocsc.learn.module import TileClassifier
-from histocsc.progress import warn
 from histocsc.learn.tilenet import check_mpp
 from histocsc.learn.weights import check_weights_path, weights_checksum
+from histocsc.progress import warn
 
 MONITOR = "val/auroc_mean"
 log = logging.getLogger(__name__)
