@@ -7,7 +7,10 @@
 #   3. for resnet18 and resnet50 in bf16: data pipeline tiles/s (one process and per worker),
 #      training images/s on real tiles and on synthetic in-memory tensors, and their ratio
 #      (target: at least 0.85),
-#   4. a short real `histocsc train` (resnet18, bf16-mixed, 2 epochs) and `load_trained`.
+#   4. a short real `histocsc train` (resnet18, bf16-mixed, 2 epochs) and `load_trained`,
+#   5. encoders (random weights, never downloaded): ViT-S/16, -B/16, -L/16 feature extraction
+#      tiles/s (fp32, bf16), and a full-size UNI in its authors' layout (a random .safetensors)
+#      through `histocsc features` and a frozen-encoder head `train` on the phantom cohort.
 #
 # Figures are printed and written to $OUT (device tool) or $RESULTS (default /tmp/gpu-check).
 #
@@ -21,7 +24,8 @@ cd "$(dirname "$0")/.."
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 WHEELS=(pydantic pydantic-core annotated-types typing-inspection typing-extensions albumentations albucore
-        simsimd stringzilla openslide-python openslide-bin imagecodecs)
+        simsimd stringzilla openslide-python openslide-bin imagecodecs timm safetensors h5py
+        huggingface-hub)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     # pin each wheel to the version installed here, so the carried set matches the project
@@ -109,6 +113,37 @@ print("precision", run["precision"], "epochs", run["timings"]["train_epochs"])
 print("test", {m: round(v["auroc"], 3) for m, v in run["test"].items()})
 EOF
 fi
+
+log "encoders: feature extraction on the GPU"
+$PY - <<'EOF' | tee "$RESULTS/encoders.txt"
+import time, torch
+from histocsc.learn.model import build_model
+for name in ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"):
+    enc = build_model(f"timm:{name}", 2).encoder.cuda().eval()
+    x = torch.randn(128, 3, 224, 224, device="cuda")
+    for mode in ("fp32", "bf16"):
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=mode == "bf16"):
+            enc(x); torch.cuda.synchronize(); t = time.perf_counter()
+            for _ in range(5):
+                enc(x)
+            torch.cuda.synchronize()
+        print(f"{name} {mode}: {5 * 128 / (time.perf_counter() - t):,.0f} tiles/s")
+EOF
+log "encoders: UNI layout end to end (features + frozen head train)"
+$PY - "$WORK/uni.safetensors" <<'EOF'
+import sys
+from safetensors.torch import save_file
+from histocsc.learn.tilenet import build_encoder
+enc = build_encoder("uni")
+save_file({k: v.contiguous() for k, v in enc.body.state_dict().items()}, sys.argv[1])
+EOF
+$PY -m histocsc features --data "$WORK/prepared" --out "$WORK/features-uni" --encoder uni \
+    --weights "$WORK/uni.safetensors" --device cuda --batch 128 | tail -3
+$PY -m histocsc train --config configs/train.yaml --data "$WORK/prepared" --out "$WORK/run-uni" \
+    --set model.backbone=uni --set model.weights_path="$WORK/uni.safetensors" \
+    --set model.freeze=all --set data.features="$WORK/features-uni" --set trainer.max_epochs=3 \
+    --set trainer.progress_bar=false --set data.num_workers=0 | tail -4
+cp "$WORK/run-uni/run.json" "$RESULTS/run_uni_frozen.json" || true
 
 log "summary"
 $PY - "$RESULTS" <<'EOF'

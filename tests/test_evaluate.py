@@ -181,6 +181,16 @@ def test_ihc_label_map_of_a_prepared_case(shapes: dict[str, Path]) -> None:
         assert ev["markers"][m]["tile"]["dice"] > 0.8 and ev["markers"][m]["tile"]["auroc"] > 0.98
     whole = evaluate(shapes["right"], shapes["geojson"], shapes["root"] / "ev_again")
     assert ev["markers"]["CD44"]["tile"]["cells"] < whole["markers"]["CD44"]["tile"]["cells"]
+    # a marker the case has no IHC for (all -1) is left out, not an error
+    rows = list(csv.reader((case / "labels.csv").open()))
+    col = rows[0].index("CD44_label")
+    noihc = shapes["root"] / "prepared" / "noihc"
+    noihc.mkdir()
+    (noihc / "grid.json").write_text((case / "grid.json").read_text())
+    with (noihc / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *([*r[:col], "-1", *r[col + 1:]] for r in rows[1:])])
+    assert set(evaluate(shapes["right"], noihc, shapes["root"] / "ev_noihc")["markers"]) == {
+        "CD133"}
     bad = shapes["root"] / "prepared" / "other"
     bad.mkdir()
     (bad / "grid.json").write_text(json.dumps({"slide_width": 2048, "slide_height": 2048}))

@@ -144,3 +144,14 @@ def test_upload_names_and_bearer_keys() -> None:
     for bad in (None, "", "0123456789abcdef", "Bearer 0123456789abcdeX", "Basic 0123456789abcdef",
                 "Bearer 0123456789abcdef0"):
         assert not authorized(bad, key)
+
+
+def test_stopping_fails_queued_requests_instead_of_running_them() -> None:
+    model = Recorder()
+    batcher = Batcher(model, max_batch=4, max_delay_s=3600.0)
+    futures = [batcher.submit(t) for t in requests(3, 2)]
+    batcher.stop()  # a SIGTERM: the queue is not worked off (it could take minutes)
+    for f in futures:
+        with pytest.raises(Overloaded, match="shutting down"):
+            f.result(timeout=10)
+    assert model.sizes == []

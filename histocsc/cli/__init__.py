@@ -8,6 +8,7 @@ from histocsc.cli import phantom  # noqa: F401
 from histocsc.cli import register  # noqa: F401
 from histocsc.cli import prepare  # noqa: F401
 from histocsc.cli import train  # noqa: F401
+from histocsc.cli import features  # noqa: F401
 from histocsc.cli import predict  # noqa: F401
 from histocsc.cli import serve  # noqa: F401
 from histocsc.cli import evaluate  # noqa: F401

@@ -49,6 +49,10 @@ def export_command(
         typer.Option("--stem-like", help="Markers whose union is the stem-like map (comma list, "
                      "or 'none'); default: the model's stem-cell markers (CD133, CD44, ...)."),
     ] = None,
+    embeddings: Annotated[
+        bool, typer.Option("--embeddings", help="Add an 'embeddings' output (the encoder's "
+                           "per-tile embedding) for `infer --features`.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace existing model files.")] = False,
 ) -> None:
     """Export a trained model to ONNX (uint8 RGB tiles in, probabilities out), checking parity."""
@@ -72,7 +76,8 @@ def export_command(
         labelled = labelled_run_tiles(meta, int(meta["tile_px"])) if int8 or fp16 else None
         result = export_onnx(model, meta, out, int8=int8, calibration=calibration, fp16=fp16,
                              check_tiles=check_tiles, labelled=labelled,
-                             limits=GateLimits(max_auroc_change, max_prob_diff))
+                             limits=GateLimits(max_auroc_change, max_prob_diff),
+                             embeddings=embeddings)
     for line in result.notes:
         typer.echo(f"note: {line}")
     for line in result.gates:
@@ -127,6 +132,10 @@ def infer_command(
     stride: Annotated[
         int | None, typer.Option("--stride", help="Step between tiles in model px (vs --overlap).")
     ] = None,
+    features: Annotated[
+        bool, typer.Option("--features", help="Also write each slide's per-tile embeddings "
+                           "(features.h5, CLAM / TRIDENT layout); needs export --embeddings.")
+    ] = False,
 ) -> None:
     """Heatmaps, scores and QuPath tiles of stem-like regions for each slide."""
     from histocsc.predict.engine import Engine, InferOptions, cpu_count, parse_shard, run_slides
@@ -146,7 +155,12 @@ def infer_command(
         index, count = parse_shard(shard)
         found = take_shard(found, index, count)
         typer.echo(f"shard {index}/{count}: {len(found)} slide(s)")
-    engine = Engine(model, device=device)
+    sink = None
+    if features:
+        from histocsc.cli.features import EmbeddingSink
+
+        sink = EmbeddingSink()
+    engine = sink.engine(model, device) if sink else Engine(model, device=device)
     typer.echo(engine.describe())
     check_working_mpp(mpp, engine.mpp, model)
     # on the CPU, readers compete with onnxruntime for cores: reading a tile costs ~1/10 of
@@ -157,8 +171,14 @@ def infer_command(
     options = InferOptions(batch=batch, workers=workers or default_workers, slide_mpp=slide_mpp,
                            override_slide_mpp=override_slide_mpp,
                            stride_px=stride_px(engine.tile_px, overlap, stride))
+    def bar(name: str, total: int) -> object:
+        return progress_bar(name, total)
+
     report = run_slides(engine, found, out, options, say=typer.echo, force=force,
-                        progress=lambda name, total: progress_bar(name, total))
+                        progress=sink.progress(bar) if sink else bar)
+    if sink:
+        for path in sink.write(engine, out, report.done):
+            typer.echo(f"wrote {path} (per-tile embeddings: features, coords)")
     typer.echo(f"{len(report.done)} done, {len(report.skipped)} skipped (already done), "
                f"{len(report.failed)} failed")
     if len(found) > 1 or any(p.is_dir() for p in slides):

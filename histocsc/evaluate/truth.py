@@ -96,7 +96,9 @@ def _prepared(path: Path, markers: list[str], width: int, height: int, ds: float
         _check_size(path, (grid["slide_width"], grid["slide_height"]), width, height)
     with (path / "labels.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    named = [m for m in markers if rows and f"{m}_label" in rows[0]]
+    # a marker without one label >= 0 (no IHC for it in this case) is left out, not failed
+    named = [m for m in markers if rows and f"{m}_label" in rows[0]
+             and any(float(r[f"{m}_label"]) >= 0 for r in rows)]
     if not named:
         raise DataError(f"{path}/labels.csv: names no marker of the model ({', '.join(markers)})")
     try:

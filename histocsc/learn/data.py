@@ -24,6 +24,7 @@ from histocsc.learn.augment import AugmentConfig, build_augment
 from histocsc.learn.cases import CaseTiles, load_case
 from histocsc.learn.cohort_checks import check_labels
 from histocsc.learn.splits import assign_splits
+from histocsc.learn.stopping import worker_init
 
 SPLITS = ("train", "val", "test")
 
@@ -150,6 +151,7 @@ def _loader_kwargs(cfg: DataConfig) -> dict[str, Any]:
         "collate_fn": collate_tiles,
         "num_workers": cfg.num_workers,
         "pin_memory": cfg.pin_memory and torch.cuda.is_available(),
+        "worker_init_fn": worker_init,  # stop signals are the trainer's (learn/stopping.py)
     }
     if cfg.num_workers > 0:
         kw["persistent_workers"] = True

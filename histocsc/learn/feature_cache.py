@@ -161,7 +161,7 @@ def cache_case(folder: Path, out_dir: Path, key: CacheKey, embed: Embedder, batc
     coords = case_coords(folder, len(store))
     parts = []
     for i in range(0, len(store), batch):
-        parts.append(embed(np.ascontiguousarray(store[i:i + batch])))
+        parts.append(embed(np.array(store[i:i + batch])))
         if advance:
             advance(len(parts[-1]))
     features = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)

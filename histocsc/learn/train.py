@@ -43,6 +43,7 @@ from histocsc.learn.model import META_KEY
 from histocsc.learn.module import TileClassifier
 from histocsc.learn.tilenet import check_mpp
 from histocsc.learn.weights import check_weights_path, weights_checksum
+from histocsc.progress import warn
 
 MONITOR = "val/auroc_mean"
 log = logging.getLogger(__name__)
@@ -202,9 +203,11 @@ def build_module(cfg: TrainConfig, data: TileDataModule, on_gpu: bool,
     )
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, precision: str
+def build_trainer(cfg: TrainConfig, run_dir: Path, precision: str,
+                  callbacks: list[Callback] | None = None,
                   ) -> tuple[L.Trainer, ModelCheckpoint, ImagesPerSecond]:
-    """The Lightning Trainer with its best/last checkpoint, early stopping and speed meter."""
+    """The Lightning Trainer with its best/last checkpoint, early stopping and speed meter
+    (and the caller's `callbacks`)."""
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -229,6 +232,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, precision: str
             checkpoint,
             EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience),
             speed,
+            *(callbacks or []),
         ],
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
@@ -256,8 +260,10 @@ def train(
     cfg: TrainConfig,
     run_dir: str | Path | None = None,
     resume: str | Path | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> TrainResult:
-    """Train on the prepared cohort in cfg.data.root; write the run folder; return the result."""
+    """Train on the prepared cohort in cfg.data.root; write the run folder; return the result.
+    `callbacks` join the Trainer's own (the command's signal handling and batch-log lines)."""
     started = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, resume)
     if cfg.model.weights_path and not Path(cfg.model.weights_path).is_file():
@@ -281,6 +287,9 @@ def train(
     features_dim = prepare_features(cfg, data) if uses_feature_cache(cfg) else None
     summary = data.summary()
     timings = {"setup_s": time.perf_counter() - started}
+    if rank_zero_only.rank == 0:
+        for message in data.warnings:
+            warn(message)
 
     precision = resolve_precision(cfg.trainer)
     on_gpu = precision != "32-true" or (
@@ -292,7 +301,7 @@ def train(
         if note:
             summary.setdefault("warnings", []).append(note)
     _write_config(cfg, run_dir)
-    trainer, checkpoint, speed = build_trainer(cfg, run_dir, precision)
+    trainer, checkpoint, speed = build_trainer(cfg, run_dir, precision, callbacks)
     state = RunState(cfg, run_dir, resume, data, module, trainer, checkpoint, speed, precision,
                      summary, started, timings)
     fit_start = time.perf_counter()

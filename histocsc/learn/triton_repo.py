@@ -1,5 +1,6 @@
 """A Triton / KServe model repository for an exported model: `<repo>/<name>/config.pbtxt` and
-`<repo>/<name>/1/model.onnx`, the input / output names and dims read from the graph itself.
+`<repo>/<name>/1/model.onnx` (and its external-data file, for
+a graph over 2 GB), the input / output names and dims read from the graph itself.
 
 The config enables Triton's dynamic batching and carries the histocsc metadata (markers, mpp,
 tile size, thresholds, checksum) as model parameters.
@@ -44,6 +45,19 @@ def graph_dims(model: Path) -> tuple[list[int], list[int]]:
             raise ModelError(f"{model}: {kind} {name!r} has no dynamic batch axis")
         dims[kind] = rest
     return dims["input"], dims["output"]
+
+
+def external_files(model: Path) -> list[Path]:
+    """The external-data files a graph names (beside it), for a graph over 2 GB."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    names = {e.value for t in proto.graph.initializer for e in t.external_data
+             if e.key == "location"}
+    missing = [n for n in sorted(names) if not (model.parent / n).is_file()]
+    if missing:
+        raise ModelError(f"{model}: its external data {', '.join(missing)} is not beside it")
+    return [model.parent / n for n in sorted(names)]
 
 
 def _quote(text: str) -> str:
@@ -98,6 +112,8 @@ def write_triton_repo(model: str | Path, repo: str | Path, name: str = DEFAULT_N
     try:
         (tmp / "1").mkdir()
         shutil.copyfile(model, tmp / "1" / "model.onnx")
+        for data in external_files(model):  # ONNX external data keeps its name beside the graph
+            shutil.copyfile(data, tmp / "1" / data.name)
         (tmp / "config.pbtxt").write_text(text)
         for p in (tmp, tmp / "1"):
             os.chmod(p, 0o755)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from histocsc import __version__
@@ -36,6 +36,7 @@ from histocsc.serve.upload import DISK_FULL
 log = logging.getLogger("histocsc.serve")
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
 OPEN_PATHS = (LIVE, READY)
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 STOP_TIMEOUT_S = 4  # uvicorn's wait for open requests on SIGTERM; the whole stop stays < 10 s
 
 
@@ -99,12 +100,19 @@ class Gate:
 
 
 def allowed_methods(scope: Scope) -> str:
-    """The methods of every route whose path matches the request's (for Allow on a 405)."""
+    """The documented methods of the request's path (for Allow on a 405): the routes are
+    matched by the OpenAPI path templates, so nested routers need no walking."""
+    app = scope["app"]
+    table = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = app.state.allow_table = [
+            (re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)) + "$"),
+             {m.upper() for m in item if m in HTTP_METHODS})
+            for path, item in app.openapi()["paths"].items()]
     methods: set[str] = set()
-    for route in scope["app"].routes:
-        match, _ = route.matches(scope)
-        if match != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+    for pattern, allowed in table:
+        if pattern.match(scope["path"]):
+            methods |= allowed
     return ", ".join(sorted(methods))
 
 

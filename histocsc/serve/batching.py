@@ -61,12 +61,19 @@ class Batcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the queued requests, then stop the worker."""
+        """Finish the running batch, fail the queued requests (the server is stopping: their
+        clients had their grace period), then stop the worker."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        with self._cond:
+            left, self._queue = list(self._queue), deque()
+            self._pending = 0
+        for r in left:
+            if r.future.set_running_or_notify_cancel():
+                r.future.set_exception(Overloaded("the server is shutting down"))
 
     def submit(self, tiles: np.ndarray) -> Future[np.ndarray]:
         """Queue uint8 tiles (N, H, W, 3); the future gives their probabilities (N, markers)."""
@@ -84,7 +91,7 @@ class Batcher:
     def _next_batch(self) -> list[_Request] | None:
         """Wait for a batch by Triton's rule; None when stopping with an empty queue."""
         with self._cond:
-            while not self._queue:
+            while not self._queue or self._stopping:
                 if self._stopping:
                     return None
                 self._cond.wait()

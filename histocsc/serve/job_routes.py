@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from histocsc.errors import HistocscError
 from histocsc.serve.jobs import FINISHED, Job
+from histocsc.serve.redact import redact, redactions
 from histocsc.serve.schemas import CancelView, Deleted, JobList, JobState, JobView, errors
 from histocsc.serve.security import HttpError, read_limited, resolve_slide, shorten
 from histocsc.serve.service import Service, service
@@ -85,9 +86,11 @@ def _slide_mpp(value: Any, text: bool) -> float | None:
     return mpp
 
 
-def _check_slide(path: Path, mpp: float | None, shown: str, max_px: int) -> float:
-    """The slide's pixel size; 400 naming the file if it cannot be opened, lacks a pixel size
-    or declares more than `max_px` pixels a side."""
+def _check_slide(path: Path, mpp: float | None, shown: str, max_px: int,
+                 hide: list[Path]) -> float:
+    """The slide's pixel size; 400 naming the file (as `shown`, no folder of `hide` in the
+    message) if it cannot be opened, lacks a pixel size or declares more than `max_px` px a
+    side."""
     try:
         with open_slide(path, fallback_mpp=mpp) as slide:
             width, height = slide.dimensions
@@ -99,7 +102,7 @@ def _check_slide(path: Path, mpp: float | None, shown: str, max_px: int) -> floa
                                      "pass slide_mpp (µm/px)")
             return float(slide.mpp)
     except HistocscError as exc:
-        raise HttpError(400, str(exc).replace(str(path), shown)) from None
+        raise HttpError(400, redact(str(exc), redactions(path, shown, path, hide))) from None
     except (HttpError, OSError):
         raise
     except Exception as exc:  # noqa: BLE001 - a reader library's own error on a bad file
@@ -161,8 +164,10 @@ async def submit(request: Request) -> JSONResponse:
         try:
             slide, source, mpp = await _read_submission(request, svc, job_id)
             shown = _shown(svc, slide, source)
+            hide = [svc.store.folder(job_id), svc.settings.data,
+                    *([svc.settings.slides_root] if svc.settings.slides_root else [])]
             mpp_used = await run_in_threadpool(_check_slide, slide, mpp, shown,
-                                               svc.settings.max_slide_px)
+                                               svc.settings.max_slide_px, hide)
             job = await run_in_threadpool(svc.store.add, job_id, slide, source, mpp, mpp_used,
                                           svc.engine.mpp, svc.engine.checksum)
         except BaseException:

@@ -11,7 +11,6 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from histocsc import __version__
 from histocsc.serve.batching import Overloaded
@@ -94,7 +93,8 @@ async def infer(request: Request) -> Response:
     try:
         json_bytes = int(header_length) if header_length and header_length.isdigit() else len(body)
         if json_bytes > LOOP_PARSE_BYTES:  # parsing a big JSON body would hold up the loop
-            req = await run_in_threadpool(decode_request, body, header_length, tile_px, max_tiles)
+            req = await asyncio.get_running_loop().run_in_executor(
+                svc.decoder, decode_request, body, header_length, tile_px, max_tiles)
         else:
             req = decode_request(body, header_length, tile_px, max_tiles)
     except BadRequest as exc:

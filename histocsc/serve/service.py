@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,9 @@ class Service:
         self.metrics = Metrics()
         self.batcher = Batcher(self.engine.predict, settings.max_batch,
                                settings.max_queue_delay_ms / 1000, self.metrics)
+        # big JSON bodies are parsed here, one at a time: parsing holds the GIL, so more threads
+        # would not parse faster, only crowd the event loop (and the health checks) out of it
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="histocsc-decode")
         self.metrics.watch_jobs(STATES, self.store.count)
         self.admission = Admission(settings.max_queued_jobs, self.store.waiting,
                                    int(settings.uploads_in_flight_mb * MIB))
@@ -115,6 +119,7 @@ class Service:
         self.ready = False
         self.runner.stop()
         self.batcher.stop()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
     def not_ready(self) -> list[str]:

@@ -15,6 +15,8 @@ It ends when the pipe closes or the server process is gone (a kill -9 leaves no 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import logging
 import os
 import signal
@@ -50,6 +52,14 @@ def _progress(conn: Connection) -> Callable[[str, int], contextlib.AbstractConte
         yield advance
 
     return factory
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system after a job (glibc keeps it in its arenas, so the
+    worker's RSS would creep up job by job)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run_job(engine: Any, spec: dict[str, Any], conn: Connection) -> tuple:
@@ -89,3 +99,4 @@ def main(model: str, device: str, conn: Connection, parent_pid: int) -> None:
         except (EOFError, OSError):
             return
         conn.send(run_job(engine, spec, conn))
+        release_memory()
