@@ -25,10 +25,11 @@ D = np.array([0.27, 0.57, 0.78])  # DAB
 
 
 def drawn_cells(n_side: int = 8, mpp: float = 0.5, seed: int = 0):
-    """A grid of blue nuclei (7 µm) on pale tissue; odd columns get a brown membrane of DAB
-    OD 0.5, every third row a brown nucleus of DAB OD 0.7. Returns RGB, centres, truths."""
+    """A grid of blue nuclei (7 µm, 20 µm apart) on pale tissue; odd columns get a brown
+    membrane of DAB OD 0.6 at the cell's edge (the nucleus + 5 µm), every third row a brown
+    nucleus of DAB OD 0.7. Returns RGB, centres, truths."""
     rng = np.random.default_rng(seed)
-    pitch = int(14 / mpp)
+    pitch = int(20 / mpp)
     size = n_side * pitch
     h_od = np.full((size, size), 0.05, np.float32)
     d_od = np.full((size, size), 0.02, np.float32)
@@ -40,7 +41,7 @@ def drawn_cells(n_side: int = 8, mpp: float = 0.5, seed: int = 0):
             r = int(3.5 / mpp)
             cv2.circle(h_od, (cx, cy), r, 0.6, -1)
             if i % 2:
-                cv2.circle(d_od, (cx, cy), int(6.5 / mpp), 0.5, int(1.2 / mpp))
+                cv2.circle(d_od, (cx, cy), int(8.0 / mpp), 0.6, int(1.5 / mpp))
             if j % 3 == 0:
                 cv2.circle(d_od, (cx, cy), r, 0.7, -1)
             centres.append((cx, cy))
@@ -54,7 +55,7 @@ def drawn_cells(n_side: int = 8, mpp: float = 0.5, seed: int = 0):
 def test_drawn_nuclei_are_found_and_classified_by_compartment() -> None:
     rgb, centres, membrane, nuclear = drawn_cells()
     cfg = CellConfig()
-    cells = detect_cells(rgb, 0.5, cfg, nuclear=True)
+    cells = detect_cells(rgb, 0.5, cfg)  # nuclei from the hematoxylin
     dist, idx = cKDTree(np.column_stack([cells.x, cells.y])).query(centres)
     assert len(cells) == len(centres) and (dist < 3).all()  # every nucleus, once
     assert (classify(cells, "membrane", cfg)[idx] > 0).tolist() == membrane.tolist()
@@ -111,7 +112,7 @@ def test_cell_rules_cut_band_and_min_cells() -> None:
                       negative_cell_fraction=0.05, min_cells=5)
     assert rule_labels(result, cfg).tolist() == [0, -1, 1, -1, 1]  # 3 cells < min_cells
     cfg = LabelConfig(rule="hscore", positive_hscore=100, negative_hscore=10)
-    assert rule_labels(result, cfg).tolist() == [0, 0, -1, 1, 1]  # H 0, 10, 20, 300, 100
+    assert rule_labels(result, cfg).tolist() == [0, 0, -1, -1, 1]  # H 0, 10, 20, (3 cells), 100
     with pytest.raises(ConfigError, match="negative_hscore"):
         load_config(LabelConfig, None, {"per_marker": {"Ki67": {"negative_hscore": 80,
                                                                 "positive_hscore": 60}}})
