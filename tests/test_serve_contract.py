@@ -192,7 +192,9 @@ def test_health_answers_at_once_while_inference_is_overloaded(server) -> None:
     assert probe.returncode == 0, probe.stderr
     slowest = float(probe.stdout)
     print(f"slowest health probe under load: {slowest:.3f} s")
-    assert slowest < 1.0, f"a health probe took {slowest:.2f} s under load"
+    # queued behind inference (before) a probe timed out at 5 s; answered outside the queue it
+    # takes ~0.05 s on a quiet machine: the bound leaves room for a shared CI runner
+    assert slowest < 4.0, f"a health probe took {slowest:.2f} s under load"
 
 
 def test_the_schema_describes_the_server(server) -> None:
