@@ -217,3 +217,16 @@ def test_print_view_puts_a_tall_slide_on_page_one_with_headings_kept_with_tables
         assert after and set(after) == {"avoid"}
         assert page.evaluate("getComputedStyle(document.querySelector('table'))"
                              ".breakInside") == "avoid"
+
+
+def test_infer_logs_progress_lines_without_a_terminal(slides: Path, monkeypatch) -> None:
+    """Without a terminal (SLURM, CI, nohup) infer writes timestamped lines with the count."""
+    import re
+
+    monkeypatch.setenv("HISTOCSC_PROGRESS_S", "0.01")
+    model = make_model(slides / "log.onnx", ["CD133", "CD44"])
+    code, output = infer(str(slides / "slides" / "plain.tif"), "--model", str(model),
+                         "--out", str(slides / "out_log"), "--batch", "4")
+    assert code == 0, output
+    lines = [x for x in output.splitlines() if re.match(r"\d\d:\d\d:\d\d .*plain", x)]
+    assert lines and any(re.search(r"\d+/\d+", x) for x in lines), output
